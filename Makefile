@@ -1,0 +1,34 @@
+# mlpscale: one-command set-up, tests, jobs and local services.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+DEB_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
+PYTEST_ARGS ?= -q
+RAY_PORT ?= 6379
+DASHBOARD_PORT ?= 8265
+AGENT_PORT ?= 52365
+MLFLOW_PORT ?= 5000
+SERVICES := .services
+export MLPSCALE_REPO := $(CURDIR)
+
+.PHONY: setup test pretrain up down ui bench tune scaling-demo clean-services
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@if ! dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then \
+	  echo "installing Debian packages: $(DEB_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0 numpy cython pkgconfig
+	$(PY) -m pip install -q --no-build-isolation ffcv==1.0.2
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.setup-*
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
