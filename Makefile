@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.setup-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.setup-$(shell sha1sum pyproject.toml | cut -c1-12)
 DEB_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
 PYTEST_ARGS ?= -q
 RAY_PORT ?= 6379
@@ -17,7 +17,7 @@ export MLPSCALE_REPO := $(CURDIR)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP):
 	@if ! dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then \
 	  echo "installing Debian packages: $(DEB_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
