@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: search-space files, one Ray Train run per Tune trial, Optuna's TPE, MLflow parent/child runs."""
