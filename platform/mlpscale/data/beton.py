@@ -132,8 +132,9 @@ def write_beton(path: str | os.PathLike, images, labels, *, jpeg: bool = False,
 def read_beton(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """All images (N, H, W, 3 uint8, equal sizes) and labels of a .beton, in stored order, without FFCV's loader."""
     reader = Reader(str(path))
-    image_meta = reader.metadata["image"]
-    labels = np.asarray(reader.metadata["label"], dtype=np.int64)
+    columns = dict(zip(reader.field_names, reader.metadata.dtype.names))
+    image_meta = reader.metadata[columns["image"]]
+    labels = np.asarray(reader.metadata[columns["label"]], dtype=np.int64)
     if len(labels) == 0:
         return np.zeros((0, 0, 0, 3), dtype=np.uint8), labels
     height, width = int(image_meta["height"][0]), int(image_meta["width"][0])

@@ -58,6 +58,12 @@ def _write_subsets(directory: Path, images: np.ndarray, labels: np.ndarray, size
     return paths
 
 
+def _ordered_counts(counts: dict[str, int]) -> dict[str, int]:
+    """train, test, then the subsets by size."""
+    key = {"train": -2, "test": -1}
+    return dict(sorted(counts.items(), key=lambda kv: key.get(kv[0], kv[1])))
+
+
 class _Take:
     """A lazy row selection of a large (memory-mapped) image array, so big subsets are not copied to RAM."""
 
@@ -115,7 +121,7 @@ def prepare_dataset(dataset: str, *, source: str | os.PathLike | None = None, da
         _write_subsets(directory, train.images, train.labels, sizes, jpeg)
         mean, std = channel_stats(train.images)
         skipped = staged["train"].skipped + staged["test"].skipped
-        counts = {split: len(staged[split]) for split in SPLITS} | {subset_name(n): n for n in sizes}
+        counts = _ordered_counts({split: len(staged[split]) for split in SPLITS} | {subset_name(n): n for n in sizes})
         write_meta(directory, {
             "dataset": name or dataset,
             "format": dataset,
@@ -155,6 +161,6 @@ def add_subsets(dataset: str, resolution: int, n_train_list: Iterable[int], data
         _write_subsets(directory, images, labels, missing, meta.get("image_format") == "jpg")
         meta = load_meta(directory)  # re-read: another process may have added subsets meanwhile
         meta["subsets"] = sorted(set(meta.get("subsets", [])) | set(missing))
-        meta["counts"] = dict(meta["counts"]) | {subset_name(n): n for n in missing}
+        meta["counts"] = _ordered_counts(meta["counts"] | {subset_name(n): n for n in missing})
         write_meta(directory, meta)
     return [directory / f"{subset_name(n)}.beton" for n in sizes]

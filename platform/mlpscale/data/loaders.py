@@ -1,0 +1,207 @@
+"""FFCV loaders for training, evaluation and test-time augmentation, each declared as a list of ops per field.
+
+uint8 crops travel to the device (non_blocking) and are normalised there with the dataset's
+mean and std (0-255 scale, from meta.json); MixUp runs on the device after normalisation.
+Iterating any loader yields `Batch(images, labels, labels_mixed, lam)`. Crops, flips, order and
+MixUp all follow `seed` and the epoch, so two loaders with the same seed give the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+
+from mlpscale.data.augment import EpochCell, SeededRandomHorizontalFlip, SeededRandomResizedCrop
+from mlpscale.data.mixup import MixUp
+from mlpscale.errors import MlpscaleError
+
+log = logging.getLogger(__name__)
+
+ORDERS = ("random", "quasi_random", "sequential")
+
+
+class Batch(NamedTuple):
+    """One batch on the device. Without MixUp, labels_mixed is None and lam is 1.0."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    labels_mixed: torch.Tensor | None
+    lam: float
+
+
+class MlpLoader:
+    """An FFCV loader plus the device-side normalisation and MixUp; `len()` is batches per epoch.
+
+    Each full pass advances the epoch by one (new order, crops, flips and MixUp draws);
+    `set_epoch(e)` jumps to 0-based epoch `e`, e.g. when a run resumes from a checkpoint.
+    `num_examples` is the number of examples in the .beton file; `examples_per_epoch` the
+    number this loader (this rank, in distributed mode) yields in one pass.
+    """
+
+    def __init__(self, ffcv_loader, *, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                 epoch_cell: EpochCell, mixup: MixUp | None = None, channels_last: bool = False) -> None:
+        self.ffcv_loader = ffcv_loader
+        self.device = torch.device(device)
+        self.mean = _channel_tensor(mean, self.device, "mean")
+        self.std = _channel_tensor(std, self.device, "std")
+        if bool((self.std <= 0).any()):
+            raise MlpscaleError(f"std={list(std)} has a non-positive channel; re-run prepare_data to rebuild meta.json")
+        self.mixup = mixup
+        self.channels_last = channels_last
+        self.epoch_cell = epoch_cell
+        self.epoch = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.ffcv_loader.batch_size
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.ffcv_loader.reader.num_samples)
+
+    @property
+    def examples_per_epoch(self) -> int:
+        n = len(self.ffcv_loader.first_traversal_order)
+        return len(self) * self.batch_size if self.ffcv_loader.drop_last else n
+
+    def __len__(self) -> int:
+        return len(self.ffcv_loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) on the device -> float32 `(x - mean) / std` (a new tensor)."""
+        return images_uint8.float().sub_(self.mean).div_(self.std)
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        self.epoch_cell.set(epoch)
+        self.ffcv_loader.next_epoch = epoch
+        if self.mixup is not None:
+            self.mixup.set_epoch(epoch)
+        torch_threads = torch.get_num_threads()
+        iterator = iter(self.ffcv_loader)
+        torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count to its worker count
+        self.epoch = epoch + 1
+        try:
+            for images, labels in iterator:
+                images = self.normalize(images)
+                labels = labels.to(torch.int64, copy=True)  # FFCV reuses its label buffers
+                if self.mixup is not None and self.mixup.enabled:
+                    images, labels_mixed, lam = self.mixup(images, labels)
+                    yield Batch(images, labels, labels_mixed, lam)
+                else:
+                    yield Batch(images, labels, None, 1.0)
+        finally:
+            iterator.close()
+
+
+def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int = 2,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, mixup_alpha: float = 0.0,
+                 seed: int = 0, order: str = "random", distributed: bool = False, drop_last: bool = True,
+                 channels_last: bool = False) -> MlpLoader:
+    """Random resized crop -> flip -> device -> normalise -> MixUp, in random or quasi-random order."""
+    _check_scale_ratio(scale, ratio)
+    epoch = EpochCell()
+    image_ops = [SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch)]
+    if flip:
+        image_ops.append(SeededRandomHorizontalFlip(seed=seed, epoch=epoch))
+    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
+                          image_ops=image_ops, order=order, seed=seed, distributed=distributed,
+                          drop_last=drop_last, channels_last=channels_last)
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch,
+                     mixup=MixUp(mixup_alpha, seed=seed), channels_last=channels_last)
+
+
+def eval_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int = 2,
+                distributed: bool = False, channels_last: bool = False) -> MlpLoader:
+    """Centre crop (the whole square image) resized to `resolution`, every example once, in file order."""
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+
+    image_ops = [CenterCropRGBImageDecoder((resolution, resolution), ratio=1.0)]
+    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
+                          image_ops=image_ops, order="sequential", seed=0, distributed=distributed,
+                          drop_last=False, channels_last=channels_last)
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=EpochCell(),
+                     channels_last=channels_last)
+
+
+def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, scale, ratio, seed: int = 0,
+               flip: bool = True, num_workers: int = 2, distributed: bool = False,
+               channels_last: bool = False) -> MlpLoader:
+    """Test-time augmentation: seeded random resized crops (and flips) in file order, no example dropped.
+
+    Each pass over the loader draws new crops (pass k = epoch k), reproducibly for a given seed,
+    so averaging the logits of K passes is the K-view TTA estimate.
+    """
+    _check_scale_ratio(scale, ratio)
+    epoch = EpochCell()
+    image_ops = [SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch)]
+    if flip:
+        image_ops.append(SeededRandomHorizontalFlip(seed=seed, epoch=epoch))
+    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
+                          image_ops=image_ops, order="sequential", seed=seed, distributed=distributed,
+                          drop_last=False, channels_last=channels_last)
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch, channels_last=channels_last)
+
+
+def _ffcv_loader(path, *, batch_size, device, num_workers, image_ops, order, seed, distributed, drop_last,
+                 channels_last):
+    """The FFCV Loader with the given image decoder/augmentations and the shared device tail."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    path = Path(path)
+    if not path.is_file():
+        raise MlpscaleError(f"dataset file {path} does not exist; create it with "
+                            f"`python jobs/prepare_data.py DATASET --data-dir DIR --resolution R`")
+    if batch_size < 1:
+        raise MlpscaleError(f"batch_size={batch_size} must be at least 1")
+    if order not in ORDERS:
+        raise MlpscaleError(f"order={order!r} is not one of {', '.join(ORDERS)}")
+    if order == "quasi_random" and distributed:
+        raise MlpscaleError("order='quasi_random' is not supported with several workers (FFCV); use order='random'")
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise MlpscaleError("distributed=True needs an initialised torch.distributed process group "
+                            "(Ray Train sets one up with several workers); use distributed=False")
+    device = torch.device(device)
+    pipelines = {
+        "image": [*image_ops, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last)],
+        "label": [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)],
+    }
+    ffcv_order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
+                  "sequential": OrderOption.SEQUENTIAL}[order]
+    # QUASI_RANDOM exists to read page by page from a process-private cache; the rest use the OS page cache.
+    os_cache = order != "quasi_random"
+    torch_threads = torch.get_num_threads()
+    try:
+        loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=num_workers, order=ffcv_order,
+                        os_cache=os_cache, distributed=distributed, seed=seed, drop_last=drop_last,
+                        pipelines=pipelines)
+    finally:
+        torch.set_num_threads(torch_threads)
+    if len(loader) == 0:
+        raise MlpscaleError(f"{path} yields no full batch of {batch_size} (it holds {loader.reader.num_samples} "
+                            f"examples per rank); lower batch_size")
+    log.debug("loader %s: %d batches of %d, order %s", path.name, len(loader), batch_size, order)
+    return loader
+
+
+def _channel_tensor(values, device: torch.device, name: str) -> torch.Tensor:
+    values = [float(v) for v in values]
+    if len(values) != 3:
+        raise MlpscaleError(f"{name}={values} must have 3 channel values (RGB, 0-255 scale), as in meta.json")
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+def _check_scale_ratio(scale, ratio) -> None:
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise MlpscaleError(f"crop scale={tuple(scale)} must be (low, high) with 0 < low <= high <= 1, e.g. (0.08, 1.0)")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise MlpscaleError(f"crop ratio={tuple(ratio)} must be (low, high) with 0 < low <= high, e.g. (0.75, 1.333)")
