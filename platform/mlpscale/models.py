@@ -221,25 +221,31 @@ def training_compute(forward_flops: int, n_train: int, epochs: int | float) -> i
 
 
 def _kept_activations_per_example(spec: ArchSpec, in_features: int, num_classes: int, expansion: int,
-                                  normalization: str) -> int:
-    """Values per example that autograd keeps for the backward pass (inputs of Linears, norms, activations)."""
+                                  normalization: str, final_norm: bool) -> int:
+    """Values per example that autograd keeps for the backward pass: the inputs of Linears, norms and
+    activations, and the logits (dropout masks are not counted)."""
     width, hidden = spec.width, expansion * spec.width
     if spec.kind == "B":
         # norm input, Linear W_e input (norm output), activation input, Linear W_c input
         per_block = (width if normalization != "none" else 0) + width + hidden + hidden
     else:
         per_block = (width if normalization != "none" else 0) + width + width
-    return in_features + spec.depth * per_block + width + num_classes
+    final = width if (final_norm and normalization != "none") else 0
+    return in_features + spec.depth * per_block + final + width + num_classes
 
 
 def estimate_training_memory(arch: str | ArchSpec, *, resolution: int, num_classes: int, batch_size: int,
                              optimizer: str = "lion", precision: str = "fp32", in_channels: int = 3,
                              expansion: int = 4, normalization: str = "layer",
                              final_norm: bool = False) -> dict:
-    """Peak training memory estimate in bytes: fp32 weights + fp32 gradients + optimizer state
-    (lion/sgd one buffer per weight, adam/adamw two) + activations kept for the backward x batch size
-    (2 bytes per value under bf16 autocast, 4 in fp32; 'auto' is planned as the GPU's bf16).
-    Framework overhead (CUDA context, allocator slack, workspace) is not included."""
+    """Peak training memory estimate in bytes.
+
+    weights, gradients: fp32 (autocast keeps fp32 master weights); optimizer_state: lion/sgd one
+    buffer per weight, adam/adamw two; autocast_weights: the bf16 copies autocast makes of every
+    Linear weight (0 in fp32); activations: the values autograd keeps for the backward per example
+    x batch size, 2 bytes each under bf16 autocast, 4 in fp32 ('auto' is planned as the GPU's bf16).
+    CUDA context, allocator slack and kernel workspaces are not included.
+    """
     spec = parse_arch(arch)
     _check_positive("batch_size", batch_size)
     _check_choice("optimizer", optimizer, tuple(OPTIMIZER_STATE_BUFFERS))
@@ -247,18 +253,19 @@ def estimate_training_memory(arch: str | ArchSpec, *, resolution: int, num_class
     stats = model_stats(spec, resolution=resolution, num_classes=num_classes, in_channels=in_channels,
                         expansion=expansion, normalization=normalization, final_norm=final_norm)
     weights = 4 * stats["num_params"]
+    value_bytes = PRECISION_BYTES[precision]
     per_example = _kept_activations_per_example(
-        spec, in_channels * resolution * resolution, num_classes, expansion, normalization)
-    activations = PRECISION_BYTES[precision] * per_example * batch_size
+        spec, in_channels * resolution * resolution, num_classes, expansion, normalization, final_norm)
     memory = dict(
         weights=weights,
         gradients=weights,
         optimizer_state=OPTIMIZER_STATE_BUFFERS[optimizer] * weights,
-        activations=activations,
+        # Linear weight elements == forward MACs per image, since each Linear runs once per image.
+        autocast_weights=0 if value_bytes == 4 else value_bytes * stats["forward_flops"],
+        activations=value_bytes * per_example * batch_size,
     )
     memory["total"] = sum(memory.values())
     return memory
-
 
 def model_info(arch: str | ArchSpec, *, resolution: int, num_classes: int, in_channels: int = 3,
                expansion: int = 4, normalization: str = "layer", final_norm: bool = False,
