@@ -1,0 +1,161 @@
+"""One Tune trial: the trial's pretrain config, its MLflow child run, and a one-worker Ray Train run inside the trial.
+
+The trial creates its own child run (so it works on any node) and reuses the pretraining driver's
+parts (data check, model stats, worker config, final model logging) around the shared worker loop.
+A trial restarted after the sweep's driver was killed continues its Ray Train run from the last
+checkpoint and its MLflow run, so finished epochs are not trained or logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlpscale import tracking
+from mlpscale.config import PretrainConfig, apply, validate
+from mlpscale.errors import MlpscaleError
+from mlpscale.tracking import sweeps
+
+log = logging.getLogger(__name__)
+
+LR_SCALINGS = ("none", "linear", "sqrt")
+TRIAL_RUN_FILE = "mlpscale_trial.json"
+
+
+class TrialFailed(RuntimeError):
+    """Raised inside a trial so Ray Tune (and the searcher) record it as errored."""
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs from the driver, as plain values."""
+
+    sweep_id: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    base_config: dict[str, Any]
+    field_types: dict[str, Any]
+    train_storage: str
+    lr_scaling: str = "none"
+    base_batch_size: int = 0
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+
+
+def scale_lr(lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
+    """lr * (batch/base) for linear, * sqrt(batch/base) for sqrt, unchanged for none."""
+    if rule not in LR_SCALINGS:
+        raise MlpscaleError(f"--lr-scaling {rule!r} is not known; use one of {', '.join(LR_SCALINGS)}")
+    if rule == "none" or not base_batch_size:
+        return lr
+    ratio = batch_size / base_batch_size
+    return lr * (ratio if rule == "linear" else math.sqrt(ratio))
+
+
+def trial_config(context: SweepContext, sampled: dict[str, Any]) -> tuple[PretrainConfig, dict[str, Any]]:
+    """The trial's validated config (base + sampled values, lr scaled) and the sweep params it adds."""
+    from mlpscale.tune.space import from_tune_value
+
+    values = {k: from_tune_value(v, context.field_types.get(k)) for k, v in sampled.items()}
+    cfg = validate(apply(PretrainConfig(), {**context.base_config, **values}))
+    base_lr = cfg.lr
+    lr = scale_lr(base_lr, cfg.batch_size, context.base_batch_size, context.lr_scaling)
+    cfg = validate(apply(cfg, {"lr": lr, "experiment": context.experiment, "tracking_uri": context.tracking_uri}))
+    extra = {"lr_scaling": context.lr_scaling, "base_lr": base_lr,
+             "base_batch_size": context.base_batch_size or cfg.batch_size}
+    return cfg, extra
+
+
+def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """The Tune function trainable (wrapped with tune.with_parameters(context=...))."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mlpscale.train.pretrain import check_data, log_final_model, model_summary, worker_config
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg, extra_params = trial_config(context, config)
+    data = check_data(cfg)
+    stats = model_summary(cfg, data)
+    uri = context.tracking_uri
+    mlflow_client = tracking.client(uri)
+    train_dir = Path(context.train_storage) / trial_id
+    run_id = _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, train_dir, mlflow_client)
+
+    loop_config = worker_config(cfg, data, stats, run_id=run_id, tracking_uri=uri,
+                                cpus_per_worker=context.cpus_per_worker)
+    loop_config["placement_group_run"] = run_id
+    trainer = TorchTrainer(
+        _worker_recording_placement_group,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=context.use_gpu,
+                                     resources_per_worker={"CPU": context.cpus_per_worker,
+                                                           **({"GPU": 1} if context.use_gpu else {})}),
+        run_config=RunConfig(name=trial_id, storage_path=str(train_dir.parent),
+                             failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             callbacks=[TuneReportCallback()]),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:  # the worker crashed or Ray Train gave up
+        reason = f"trial {trial_id} crashed: {type(error).__name__}: {str(error)[:1500]}"
+        tracking.mark_failed(mlflow_client, run_id, reason)
+        raise TrialFailed(reason) from error
+    outcome = result.return_value or {}
+    if outcome.get("status") not in (None, "ok"):
+        reason = outcome.get("reason", outcome.get("status"))
+        if tracking.run_status(mlflow_client, run_id) != "FAILED":
+            tracking.mark_failed(mlflow_client, run_id, reason)
+        raise TrialFailed(f"trial {trial_id} failed: {reason}")
+    if result.checkpoint is not None:
+        log_final_model(cfg, data, uri, run_id, result.checkpoint.path)
+    tracking.finish_run(mlflow_client, run_id)
+
+
+def _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, train_dir, mlflow_client) -> str:
+    """The trial's MLflow run: the earlier attempt's when it did not finish (continued), else a new child run."""
+    record = train_dir / TRIAL_RUN_FILE
+    if record.is_file():
+        run_id = json.loads(record.read_text())["run_id"]
+        status = tracking.run_status(mlflow_client, run_id)
+        if status in ("RUNNING", "KILLED"):
+            tracking.mark_running(mlflow_client, run_id)
+            if sweeps.TAG_STOPPED in mlflow_client.get_run(run_id).data.tags:
+                mlflow_client.delete_tag(run_id, sweeps.TAG_STOPPED)
+            log.info("trial %s continues MLflow run %s", trial_id, run_id)
+            return run_id
+    run_id = sweeps.start_trial_run(context.tracking_uri, context.experiment, parent_run_id=context.parent_run_id,
+                                    sweep_id=context.sweep_id, trial_id=trial_id,
+                                    run_name=f"{context.sweep_id}-{trial_id}",
+                                    extra_tags={tracking.TAG_RAY_RUN: trial_id})
+    params = {**tracking.run_record_params(cfg, stats, data.meta), **extra_params, "trial_id": trial_id}
+    tracking.log_params(mlflow_client, run_id, params)
+    tracking.log_dict_artifact(mlflow_client, run_id, cfg.to_dict(), "config.yaml")
+    tracking.log_dict_artifact(mlflow_client, run_id, data.meta, "meta.json")
+    train_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run_id, "trial_id": trial_id}))
+    return run_id
+
+
+def _worker_recording_placement_group(config: dict[str, Any]):
+    """The shared worker loop, after tagging the trial's run with this worker group's placement group."""
+    import ray
+
+    from mlpscale.train.loop import train_loop_per_worker
+
+    group = ray.util.get_current_placement_group()
+    run_id = config.pop("placement_group_run", None)
+    if group is not None and run_id and ray.train.get_context().get_world_rank() == 0:
+        try:
+            sweeps.record_placement_group(config["tracking_uri"], run_id, group.id.hex())
+        except Exception as error:  # noqa: BLE001 - bookkeeping must not fail the trial
+            log.warning("could not record the placement group: %s", error)
+    return train_loop_per_worker(config)
