@@ -107,8 +107,13 @@ class _CheckedWriter(DatasetWriter):
 
 
 def write_beton(path: str | os.PathLike, images, labels, *, jpeg: bool = False,
-                jpeg_quality: int = JPEG_QUALITY, num_workers: int = 1, dataset=None) -> Path:
-    """Write images (N, R, R, 3 uint8) and int labels as `path`, atomically. `dataset` overrides the pair source."""
+                jpeg_quality: int = JPEG_QUALITY, num_workers: int | None = None, dataset=None) -> Path:
+    """Write images (N, R, R, 3 uint8) and int labels as `path`, atomically. `dataset` overrides the pair source.
+
+    Raw pixels need one writer process (a copy per image); JPEG encoding gets up to 8.
+    """
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1) if jpeg else 1
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     dataset = dataset if dataset is not None else _ArrayDataset(images, labels)

@@ -6,7 +6,9 @@ its subsets are known before any .beton is written, and large sources never sit 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,32 +95,62 @@ def resize_exact(image: np.ndarray, resolution: int) -> np.ndarray:
     return cv2.resize(image, (resolution, resolution), interpolation=interpolation)
 
 
+def _prepare(item, resolution: int) -> tuple[np.ndarray | None, str | None]:
+    """(R x R pixels, None) for an array or a decodable file; (None, reason) for an undecodable file."""
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            pixels = decode_file(Path(item))
+        except UndecodableImage as error:
+            return None, str(error)
+    else:
+        pixels = to_rgb(item)
+    return resize_exact(pixels, resolution), None
+
+
+def _prepare_file(args: tuple[Path, int]) -> tuple[np.ndarray | None, str | None]:
+    return _prepare(*args)
+
+
+def default_decode_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def stage_split(split: SplitSource, resolution: int, stage_path: Path, *, strict: bool = False,
-                description: str = "decoding") -> StagedSplit:
-    """Decode every item of `split`, resize it to R x R, and store it in a memmap at `stage_path`."""
+                description: str = "decoding", decode_workers: int | None = None) -> StagedSplit:
+    """Decode every item of `split`, resize it to R x R, and store it in a memmap at `stage_path`.
+
+    Image files are decoded by a pool of `decode_workers` processes (in order); in-memory arrays in this process.
+    """
     stage_path = Path(stage_path)
+    workers = default_decode_workers() if decode_workers is None else max(1, int(decode_workers))
     images = np.memmap(stage_path, dtype=np.uint8, mode="w+", shape=(max(split.size, 1), resolution, resolution, 3))
     labels = np.empty(split.size, dtype=np.int64)
     skipped: list[dict] = []
     count = 0
+    iterator = iter(split.items())
+    first = next(iterator, None)
+    items = itertools.chain([first] if first is not None else [], iterator)
+    pool = None
     try:
-        for item, label in tqdm(split.items(), total=split.size, desc=description, unit="img"):
-            if isinstance(item, (str, os.PathLike)):
-                try:
-                    pixels = decode_file(Path(item))
-                except UndecodableImage as error:
-                    if strict:
-                        raise MlpscaleError(
-                            f"cannot decode image {item} ({error}); remove or fix it, or drop --strict to skip it"
-                        ) from None
-                    log.warning("skipping undecodable image %s (%s)", item, error)
-                    skipped.append({"split": split.name, "file": str(item), "error": str(error)})
-                    continue
-            else:
-                pixels = to_rgb(item)
+        if first is not None and isinstance(first[0], (str, os.PathLike)) and workers > 1:
+            for_pool, for_labels = itertools.tee(items)
+            pool = multiprocessing.Pool(workers)
+            results = pool.imap(_prepare_file, ((item, resolution) for item, _ in for_pool), chunksize=16)
+            prepared = zip(results, for_labels)
+        else:
+            prepared = ((_prepare(item, resolution), (item, label)) for item, label in items)
+        for (pixels, error), (item, label) in tqdm(prepared, total=split.size, desc=description, unit="img"):
+            if pixels is None:
+                if strict:
+                    raise MlpscaleError(
+                        f"cannot decode image {item} ({error}); remove or fix it, or drop --strict to skip it"
+                    )
+                log.warning("skipping undecodable image %s (%s)", item, error)
+                skipped.append({"split": split.name, "file": str(item), "error": error})
+                continue
             if count >= split.size:
                 raise MlpscaleError(f"source split {split.name} yielded more than its declared {split.size} items")
-            images[count] = resize_exact(pixels, resolution)
+            images[count] = pixels
             labels[count] = label
             count += 1
         images.flush()
@@ -126,6 +158,10 @@ def stage_split(split: SplitSource, resolution: int, stage_path: Path, *, strict
         del images
         stage_path.unlink(missing_ok=True)
         raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     view = np.memmap(stage_path, dtype=np.uint8, mode="r", shape=(count, resolution, resolution, 3)) if count else \
         np.zeros((0, resolution, resolution, 3), dtype=np.uint8)
     return StagedSplit(images=view, labels=labels[:count], skipped=skipped, path=stage_path)

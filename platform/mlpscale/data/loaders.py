@@ -98,7 +98,7 @@ class MlpLoader:
                 else:
                     yield Batch(images, labels, None, 1.0)
         finally:
-            iterator.close()
+            _stop(iterator)
 
 
 def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int = 2,
@@ -187,10 +187,20 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, image_ops, order, see
     finally:
         torch.set_num_threads(torch_threads)
     if len(loader) == 0:
-        raise MlpscaleError(f"{path} yields no full batch of {batch_size} (it holds {loader.reader.num_samples} "
-                            f"examples per rank); lower batch_size")
+        raise MlpscaleError(f"batch_size={batch_size} is larger than {path} holds per rank ( {loader.reader.num_samples} "
+                            f"{loader.reader.num_samples} examples, no full batch); lower batch_size")
     log.debug("loader %s: %d batches of %d, order %s", path.name, len(loader), batch_size, order)
     return loader
+
+
+def _stop(iterator) -> None:
+    """Stop FFCV's prefetch thread, then release its memory (an abandoned epoch's thread runs on otherwise).
+
+    The thread fills its queue (a few batches), notices the stop flag within half a second, and exits.
+    """
+    iterator.terminate_event.set()
+    iterator.join()
+    iterator.close()
 
 
 def _channel_tensor(values, device: torch.device, name: str) -> torch.Tensor:

@@ -14,7 +14,6 @@ from typing import Iterable
 
 import numpy as np
 
-from mlpscale.data.beton import read_beton, write_beton
 from mlpscale.data.images import StagedSplit, stage_split
 from mlpscale.data.meta import channel_stats, load_meta, meta_path, write_meta
 from mlpscale.data.sources import DEFAULT_RESOLUTION, READERS, read_source
@@ -47,12 +46,14 @@ def _check_resolution(dataset: str, resolution: int | None, jpeg: bool | None) -
 
 
 def _write_subsets(directory: Path, images: np.ndarray, labels: np.ndarray, sizes: Iterable[int], jpeg: bool) -> list[Path]:
+    from mlpscale.data.beton import write_beton
+
     order = nested_order(labels)
     paths = []
     for size in sizes:
         indices = np.sort(order[:size])
         path = directory / f"{subset_name(size)}.beton"
-        write_beton(path, images[indices] if len(indices) < 200_000 else _Take(images, indices), labels[indices],
+        write_beton(path, images[indices] if len(indices) <= 50_000 else _Take(images, indices), labels[indices],
                     jpeg=jpeg)
         paths.append(path)
     return paths
@@ -98,6 +99,9 @@ def prepare_dataset(dataset: str, *, source: str | os.PathLike | None = None, da
         return directory
 
     src = read_source(dataset, source)
+    # FFCV pulls in torch and numba (seconds); imported only once the source is known to be good.
+    from mlpscale.data.beton import write_beton
+
     directory.mkdir(parents=True, exist_ok=True)
     staged: dict[str, StagedSplit] = {}
     try:
@@ -157,6 +161,8 @@ def add_subsets(dataset: str, resolution: int, n_train_list: Iterable[int], data
     sizes = check_sizes(n_train_list, int(meta["counts"]["train"]))
     missing = [n for n in sizes if not (directory / f"{subset_name(n)}.beton").is_file()]
     if missing:
+        from mlpscale.data.beton import read_beton
+
         images, labels = read_beton(directory / "train.beton")
         _write_subsets(directory, images, labels, missing, meta.get("image_format") == "jpg")
         meta = load_meta(directory)  # re-read: another process may have added subsets meanwhile
