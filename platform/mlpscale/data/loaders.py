@@ -187,8 +187,8 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, image_ops, order, see
     finally:
         torch.set_num_threads(torch_threads)
     if len(loader) == 0:
-        raise MlpscaleError(f"batch_size={batch_size} is larger than {path} holds per rank ( {loader.reader.num_samples} "
-                            f"{loader.reader.num_samples} examples, no full batch); lower batch_size")
+        raise MlpscaleError(f"batch_size={batch_size} is larger than the {loader.reader.num_samples} examples "
+                            f"{path} holds per rank; lower batch_size")
     log.debug("loader %s: %d batches of %d, order %s", path.name, len(loader), batch_size, order)
     return loader
 
