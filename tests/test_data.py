@@ -307,6 +307,14 @@ def test_interrupted_beton_write_leaves_no_file(tmp_path):
         write_beton(tmp_path / "train.beton", np.zeros((1, 8, 8, 3), dtype=np.uint8), None,
                     dataset=_FailingDataset(fail_at=300, size=600))
     assert list(tmp_path.iterdir()) == []
+    # a failed rewrite leaves the previous complete file untouched
+    good = np.full((3, 8, 8, 3), 9, dtype=np.uint8)
+    write_beton(tmp_path / "train.beton", good, [0, 1, 2])
+    with pytest.raises(BetonWriteError):
+        write_beton(tmp_path / "train.beton", good, None, dataset=_FailingDataset(fail_at=10, size=600))
+    images, labels = read_beton(tmp_path / "train.beton")
+    np.testing.assert_array_equal(images, good)
+    assert labels.tolist() == [0, 1, 2] and [p.name for p in tmp_path.iterdir()] == ["train.beton"]
 
 
 def test_interrupted_source_leaves_no_file(tmp_path, monkeypatch):

@@ -107,8 +107,10 @@ def _prepare(item, resolution: int) -> tuple[np.ndarray | None, str | None]:
     return resize_exact(pixels, resolution), None
 
 
-def _prepare_file(args: tuple[Path, int]) -> tuple[np.ndarray | None, str | None]:
-    return _prepare(*args)
+def _prepare_labelled(args: tuple[Path, int, int]):
+    """Pool task: the item and its label travel together so results arrive matched, in order."""
+    item, label, resolution = args
+    return _prepare(item, resolution), (item, label)
 
 
 def default_decode_workers() -> int:
@@ -133,10 +135,8 @@ def stage_split(split: SplitSource, resolution: int, stage_path: Path, *, strict
     pool = None
     try:
         if first is not None and isinstance(first[0], (str, os.PathLike)) and workers > 1:
-            for_pool, for_labels = itertools.tee(items)
             pool = multiprocessing.Pool(workers)
-            results = pool.imap(_prepare_file, ((item, resolution) for item, _ in for_pool), chunksize=16)
-            prepared = zip(results, for_labels)
+            prepared = pool.imap(_prepare_labelled, ((item, label, resolution) for item, label in items), chunksize=16)
         else:
             prepared = ((_prepare(item, resolution), (item, label)) for item, label in items)
         for (pixels, error), (item, label) in tqdm(prepared, total=split.size, desc=description, unit="img"):
