@@ -1,0 +1,438 @@
+"""Local services: a Ray head (dashboard + job submission) and an MLflow tracking server.
+
+`up` starts both detached, each in its own process session, waits until they are
+usable (MLflow /health, the Ray dashboard /api/version and the dashboard agent's
+/api/healthz, without which `ray job submit` fails with "No available agent"),
+and records what it started under the services directory (<repo>/.services):
+
+    services.json           ports, session ids, URLs, the Ray GCS address
+    env                     the shell exports for `ray job submit` and MLflow clients
+    ray.log, mlflow.log     the services' own output
+    raytmp/                 Ray's temp dir (sessions, logs)
+    mlflow/mlflow.db        the tracking store; mlflow/artifacts the artifact root
+
+The Ray head is started with MLFLOW_TRACKING_URI pointing at the server, so jobs
+submitted with or without `--working-dir` and all their workers log to it; its
+working directory is the repository root, so `ray job submit -- python jobs/x.py`
+finds the job without `--working-dir`. `down` stops exactly the processes of the
+recorded sessions (and their descendants), never other Ray instances on the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlpscale.errors import MlpscaleError
+from mlpscale.paths import repo_root
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+STATE_FILE = "services.json"
+ENV_FILE = "env"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The TCP ports of the local services; the Makefile variable that overrides each is in PORT_VARIABLES."""
+
+    ray: int = 6379
+    dashboard: int = 8265
+    agent: int = 52365
+    mlflow: int = 5000
+    client: int = 10001
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> "Ports":
+        """Ports from RAY_PORT, DASHBOARD_PORT, AGENT_PORT, MLFLOW_PORT, RAY_CLIENT_PORT where set."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field, variable in PORT_VARIABLES.items():
+            raw = environ.get(variable)
+            if raw:
+                values[field] = _parse_port(raw, variable)
+        return cls(**values)
+
+
+PORT_VARIABLES = {"ray": "RAY_PORT", "dashboard": "DASHBOARD_PORT", "agent": "AGENT_PORT",
+                  "mlflow": "MLFLOW_PORT", "client": "RAY_CLIENT_PORT"}
+
+
+@dataclass
+class Services:
+    """What `up` started: enough to reach the services and to stop them."""
+
+    state_dir: str
+    ports: Ports
+    ray_session: int
+    mlflow_session: int
+    gcs_address: str
+    started_at: float
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{HOST}:{self.ports.dashboard}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.ports.mlflow}"
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://{HOST}:{self.ports.agent}"
+
+    def exports(self) -> dict[str, str]:
+        """What a shell needs for `ray job submit` (token auth on) and for MLflow clients to use these services."""
+        return {"RAY_ADDRESS": self.dashboard_url, "MLFLOW_TRACKING_URI": self.mlflow_url,
+                "RAY_AUTH_MODE": "token"}
+
+    def export_line(self) -> str:
+        return "export " + " ".join(f"{key}={value}" for key, value in self.exports().items())
+
+    def to_json(self) -> dict:
+        record = dataclasses.asdict(self)
+        record.update(dashboard_url=self.dashboard_url, mlflow_url=self.mlflow_url)
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Services":
+        return cls(state_dir=record["state_dir"], ports=Ports(**record["ports"]),
+                   ray_session=int(record["ray_session"]), mlflow_session=int(record["mlflow_session"]),
+                   gcs_address=record["gcs_address"], started_at=float(record["started_at"]))
+
+
+def services_dir(override: str | os.PathLike | None = None) -> Path:
+    """The explicit override, else $MLPSCALE_SERVICES_DIR, else .services at the repository root."""
+    if override:
+        return Path(override).expanduser().resolve()
+    if os.environ.get("MLPSCALE_SERVICES_DIR"):
+        return Path(os.environ["MLPSCALE_SERVICES_DIR"]).expanduser().resolve()
+    return repo_root() / ".services"
+
+
+def load_services(state_dir: str | os.PathLike | None = None) -> Services | None:
+    """The record of the last `up` in this services directory, or None."""
+    path = services_dir(state_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    return Services.from_json(json.loads(path.read_text()))
+
+
+def up(ports: Ports | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+       state_dir: str | os.PathLike | None = None, timeout_s: float = 180.0) -> Services:
+    """Start the Ray head and the MLflow server (or find them already running) and wait until both are usable."""
+    ports = ports or Ports.from_env()
+    root = services_dir(state_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    running = load_services(root)
+    if running is not None:
+        problems = health_problems(running)
+        if not problems:
+            logger.info("services already running (%s, %s)", running.dashboard_url, running.mlflow_url)
+            return running
+        logger.warning("stale services record (%s); stopping its leftovers", "; ".join(problems))
+        down(root)
+
+    _check_ports_free(ports)
+    mlflow_dir = root / "mlflow"
+    (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    mlflow_url = f"http://{HOST}:{ports.mlflow}"
+    mlflow_process = _start_mlflow(mlflow_dir, ports.mlflow, root / "mlflow.log")
+    try:
+        ray_session, gcs_address = _start_ray_head(root, ports, mlflow_url, num_cpus, num_gpus)
+    except BaseException:
+        _stop_sessions([mlflow_process.pid])
+        raise
+    services = Services(state_dir=str(root), ports=ports, ray_session=ray_session,
+                        mlflow_session=mlflow_process.pid, gcs_address=gcs_address, started_at=time.time())
+    _write_state(root, services)
+    try:
+        _wait_until_healthy(services, mlflow_process, timeout_s)
+    except BaseException:
+        down(root)
+        raise
+    logger.info("services up: Ray dashboard %s, MLflow %s", services.dashboard_url, services.mlflow_url)
+    return services
+
+
+def down(state_dir: str | os.PathLike | None = None, *, grace_s: float = 8.0) -> list[str]:
+    """Stop the recorded services (idempotent); returns the names of what was running."""
+    root = services_dir(state_dir)
+    services = load_services(root)
+    if services is None:
+        return []
+    stopped = [name for name, session in (("ray", services.ray_session), ("mlflow", services.mlflow_session))
+               if _session_processes([session])]
+    _stop_sessions([services.ray_session, services.mlflow_session], grace_s=grace_s)
+    for name in (STATE_FILE, ENV_FILE):
+        (root / name).unlink(missing_ok=True)
+    return stopped
+
+
+def status(state_dir: str | os.PathLike | None = None) -> dict:
+    """Whether the recorded services run and answer: {'running': bool, 'problems': [...], ...URLs}."""
+    services = load_services(state_dir)
+    if services is None:
+        return {"running": False, "problems": ["no services started (run `make up`)"]}
+    problems = health_problems(services)
+    return {"running": not problems, "problems": problems, **services.to_json()}
+
+
+def health_problems(services: Services) -> list[str]:
+    """What does not answer yet: each entry names the service and the URL probed."""
+    problems = []
+    if not _session_processes([services.ray_session]):
+        problems.append("the Ray head's processes are gone")
+    if not _session_processes([services.mlflow_session]):
+        problems.append("the MLflow server's process is gone")
+    for name, url, ray_auth in (("MLflow", f"{services.mlflow_url}/health", False),
+                                ("Ray dashboard", f"{services.dashboard_url}/api/version", True),
+                                ("Ray dashboard agent", f"{services.agent_url}/api/healthz", True)):
+        if not _answers(url, ray_auth=ray_auth):
+            problems.append(f"{name} does not answer at {url}")
+    return problems
+
+
+def local_ray_address(state_dir: str | os.PathLike | None = None) -> str | None:
+    """The GCS address (host:port) of the head `make up` started, when it is running; for ray.init()."""
+    services = load_services(state_dir)
+    if services is None or not _session_processes([services.ray_session]):
+        return None
+    return services.gcs_address
+
+
+def driver_ray_address(state_dir: str | os.PathLike | None = None) -> str | None:
+    """The address a job's ray.init() should use; None means ray.init()'s own choice (RAY_ADDRESS, else local).
+
+    After `make up` a shell may export RAY_ADDRESS=http://127.0.0.1:8265 for the job CLI; ray.init() would
+    take that dashboard URL for a Ray Client address and fail, so it is mapped to the local head's GCS.
+    """
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address.startswith(("http://", "https://")):
+        return None
+    services = load_services(state_dir)
+    if services is not None and address.rstrip("/") == services.dashboard_url and local_ray_address(state_dir):
+        return services.gcs_address
+    raise MlpscaleError(
+        f"RAY_ADDRESS={address} is a dashboard URL (for `ray job submit`), not a cluster address for a "
+        "script: submit the job with `ray job submit -- python jobs/<job>.py ...`, or unset RAY_ADDRESS "
+        "to run it on a local Ray, or start the local services with `make up`")
+
+
+def ui_command(port: int, state_dir: str | os.PathLike | None = None) -> tuple[str, list[str] | None]:
+    """The MLflow UI to open: the running server's URL (no command), else `mlflow ui` on the default store."""
+    services = load_services(state_dir)
+    if services is not None and _answers(f"{services.mlflow_url}/health"):
+        return services.mlflow_url, None
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        return uri, None
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", HOST, "--port", str(port)]
+    return f"http://{HOST}:{port}", command
+
+
+def write_env_file(services: Services) -> Path:
+    """Write `<services-dir>/env`: the exports, for `source .services/env`."""
+    path = Path(services.state_dir) / ENV_FILE
+    path.write_text("".join(f"export {key}={value}\n" for key, value in services.exports().items()))
+    return path
+
+
+# --- starting ---------------------------------------------------------------------------------------------
+
+
+def _parse_port(raw: str, variable: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise MlpscaleError(f"{variable}={raw!r} is not a TCP port; use a number in 1..65535, e.g. {variable}=5001")
+    return port
+
+
+def _check_ports_free(ports: Ports) -> None:
+    for field, port in dataclasses.asdict(ports).items():
+        variable = PORT_VARIABLES[field]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
+            try:
+                probe.bind(("0.0.0.0" if field in ("ray", "client") else HOST, port))
+            except OSError:
+                raise MlpscaleError(
+                    f"port {port} ({variable}) is already in use; stop what listens there or pick another "
+                    f"port, e.g. `make up {variable}={port + 1}`") from None
+
+
+def _start_mlflow(mlflow_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+               "--artifacts-destination", str(mlflow_dir / "artifacts"), "--serve-artifacts",
+               "--host", HOST, "--port", str(port), "--workers", "1"]
+    logger.info("starting MLflow: %s", " ".join(command))
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=mlflow_dir, start_new_session=True)
+
+
+def _start_ray_head(root: Path, ports: Ports, mlflow_url: str, num_cpus: int | None,
+                    num_gpus: int | None) -> tuple[int, str]:
+    temp_dir = root / "raytmp"
+    temp_dir.mkdir(exist_ok=True)
+    (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+    ray = Path(sys.executable).with_name("ray")
+    command = [str(ray) if ray.exists() else "ray", "start", "--head", "--node-ip-address", HOST,
+               "--port", str(ports.ray), "--dashboard-host", HOST, "--dashboard-port", str(ports.dashboard),
+               "--dashboard-agent-listen-port", str(ports.agent), "--ray-client-server-port", str(ports.client),
+               "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    if num_cpus is not None:
+        command += ["--num-cpus", str(num_cpus)]
+    if num_gpus is not None:
+        command += ["--num-gpus", str(num_gpus)]
+    # Token auth explicitly on: the GCS listens on all interfaces; Ray creates ~/.ray/auth_token if missing.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_url, MLPSCALE_REPO=str(repo_root()), RAY_AUTH_MODE="token")
+    # `ray job submit -- python ...` runs `python` from the head's PATH: make it this environment's.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.pop("RAY_ADDRESS", None)
+    logger.info("starting Ray head: %s", " ".join(command))
+    log_path = root / "ray.log"
+    with open(log_path, "ab") as log:
+        starter = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=repo_root(), env=env, start_new_session=True)
+        try:
+            returncode = starter.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            returncode = None
+    if returncode != 0:
+        _stop_sessions([starter.pid])
+        raise MlpscaleError(f"`ray start --head` failed (exit {returncode}); its output is in {log_path}:\n"
+                            + _tail(log_path))
+    address_file = temp_dir / "ray_current_cluster"
+    gcs_address = address_file.read_text().strip() if address_file.exists() else f"{HOST}:{ports.ray}"
+    return starter.pid, gcs_address
+
+
+def _wait_until_healthy(services: Services, mlflow_process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if mlflow_process.poll() is not None:
+            log = Path(services.state_dir) / "mlflow.log"
+            raise MlpscaleError(f"the MLflow server exited (status {mlflow_process.returncode}); "
+                                f"its output is in {log}:\n{_tail(log)}")
+        problems = health_problems(services)
+        if not problems:
+            write_env_file(services)
+            return
+        if time.monotonic() > deadline:
+            raise MlpscaleError(f"services not ready after {timeout_s:.0f} s: {'; '.join(problems)}; "
+                                f"see the logs in {services.state_dir}")
+        time.sleep(0.5)
+
+
+def _write_state(root: Path, services: Services) -> None:
+    tmp = root / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(services.to_json(), indent=2))
+    tmp.replace(root / STATE_FILE)
+
+
+def ray_auth_token() -> str | None:
+    """Ray's token, where Ray's own clients look: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _answers(url: str, *, ray_auth: bool = False) -> bool:
+    request = urllib.request.Request(url)
+    token = ray_auth_token() if ray_auth else None
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --- stopping ---------------------------------------------------------------------------------------------
+
+
+def _session_processes(sessions: list[int]) -> set[int]:
+    """Live processes of the given sessions plus all their descendants (Ray job drivers run in new sessions)."""
+    parents: dict[int, int] = {}
+    members: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, ppid, session = fields[0], int(fields[1]), int(fields[3])
+        if state in ("Z", "X"):
+            continue
+        pid = int(entry.name)
+        parents[pid] = ppid
+        if session in sessions:
+            members.add(pid)
+    grew = True
+    while grew:
+        children = {pid for pid, ppid in parents.items() if ppid in members and pid not in members}
+        members |= children
+        grew = bool(children)
+    members.discard(os.getpid())
+    return members
+
+
+def _stop_sessions(sessions: list[int], *, grace_s: float = 8.0) -> None:
+    """SIGTERM every process of the sessions, then SIGKILL what is left after the grace period."""
+    sessions = [session for session in sessions if session > 1]
+    if not sessions:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _session_processes(sessions):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        while _session_processes(sessions) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _session_processes(sessions):
+            return
+    left = sorted(_session_processes(sessions))
+    if left:
+        logger.warning("processes still alive after SIGKILL: %s", left)
+
+
+def remove_state(state_dir: str | os.PathLike | None = None, *, stores: bool = False) -> None:
+    """Forget the services record; with stores=True also delete the MLflow store and Ray's temp dir."""
+    root = services_dir(state_dir)
+    down(root)
+    if stores:
+        shutil.rmtree(root, ignore_errors=True)
