@@ -48,7 +48,6 @@ class LawFit:
     goodness: dict[str, float] | None = None
     at_bounds: list[str] = field(default_factory=list)
     n_points: int = 0
-    raw: np.ndarray | None = field(default=None, repr=False)  # fitted values in scaled units: a warm start
 
     @property
     def ok(self) -> bool:
@@ -101,6 +100,17 @@ def _best_curve_fit(model, x, y, starts, bounds):
     return best
 
 
+def _reject_pinned_exponents(fit: LawFit) -> LawFit:
+    """An exponent on its bound means the points do not follow a decaying power law: no usable fit."""
+    pinned = [name for name in fit.at_bounds if name.startswith("alpha")]
+    if pinned:
+        values = ", ".join(f"{name}={fit.params[name]:.4g}" for name in dict.fromkeys(pinned))
+        fit.status = NOT_CONVERGED
+        fit.message = (f"{values} ended on its bound [1e-3, {MAX_ALPHA}]: the points do not follow a decaying "
+                       f"power law (check the metric, or add points over a wider range)")
+    return fit
+
+
 def _near(value, bound, scale) -> bool:
     return abs(value - bound) <= 1e-6 * max(abs(scale), 1.0)
 
@@ -146,8 +156,7 @@ def fit_compute_law(compute, error, initial: dict | None = None) -> LawFit:
                                                      ("e_inf", e_inf, bounds[1][3]), ("b", b_scaled, bounds[1][1]))
                      if _near(value, bound, bound)]
     fit.goodness = goodness_log(error, compute_law(compute, **fit.params))
-    fit.raw = best
-    return fit
+    return _reject_pinned_exponents(fit)
 
 
 def fit_power_law(x, error, law: str = "power_law", what: str = "x values", initial: dict | None = None) -> LawFit:
@@ -184,8 +193,7 @@ def fit_power_law(x, error, law: str = "power_law", what: str = "x values", init
                                                      ("e_inf", e_inf, bounds[1][2]))
                      if _near(value, bound, bound)]
     fit.goodness = goodness_log(error, power_law(x, **fit.params))
-    fit.raw = best
-    return fit
+    return _reject_pinned_exponents(fit)
 
 
 def _huber(residual, delta):
@@ -249,8 +257,7 @@ def fit_joint_law(num_params, n_train, error, initial: dict | None = None) -> La
     fit.at_bounds = [name for name, value in (("alpha_P", alpha_p), ("alpha_N", alpha_n))
                      if _near(value, MAX_ALPHA, MAX_ALPHA) or _near(value, 1e-3, 1.0)]
     fit.goodness = goodness_log(E, joint_law(P, N, **fit.params))
-    fit.raw = best
-    return fit
+    return _reject_pinned_exponents(fit)
 
 
 def fit_loglog_line(x, y, law: str = "line", what: str = "points") -> LawFit:

@@ -130,7 +130,7 @@ def analyse(points: pd.DataFrame, *, n_boot: int = 200, seed: int = 0, allocatio
     joint_ci = ci(joint_fit, _joint_estimate(allocation_epoch, _warm(joint_fit)))
 
     for fit in (compute_fit, params_fit, data_fit, joint_fit):
-        if fit.at_bounds:
+        if fit.ok and fit.at_bounds:
             warnings.append(f"{fit.law}: {', '.join(fit.at_bounds)} ended on its bound; the data do not "
                             f"constrain it (treat the value as a limit, not an estimate)")
     for name, ci_dict in (("compute_law", compute_ci), ("params_law", params_ci), ("data_law", data_ci),
