@@ -146,3 +146,13 @@ def test_mlflow_server_script_serves_runs_and_proxied_artifacts(tmp_path, monkey
         subprocess.run(script + ["stop"], env=env, capture_output=True, timeout=60)
     pid_file = state / "mlflow.pid"
     assert not pid_file.exists()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_node_command_is_valid_bash(name):
+    config = _load(name)
+    for key in SHARED_KEYS[2:]:
+        for command in config[key]:
+            checked = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+            assert checked.returncode == 0, f"{key}: {command}\n{checked.stderr}"
+    assert subprocess.run(["bash", "-n", str(REPO / "cluster" / "mlflow_server.sh")]).returncode == 0
