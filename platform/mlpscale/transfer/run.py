@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mlpscale import tracking
 from mlpscale.errors import MlpscaleError
+from mlpscale.paths import repo_root
 from mlpscale.tracking.models import SourceModel, resolve_source
 from mlpscale.transfer.config import TransferConfig, apply, resolve_mode_defaults, validate
 from mlpscale.transfer.data import DownstreamData, downstream_data
@@ -158,10 +158,21 @@ def _grid_trial(config: dict) -> None:
     """The Ray Tune trainable: one transfer run with the trial's values, reporting every epoch."""
     from ray import tune
 
+    from mlpscale.tracking.sweeps import TAG_TRIAL_ID
+
     base = TransferConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["base"].items()})
     cfg = apply(base, {key: config[key] for key in config if key not in ("base", "parent_run_id", "sweep_id")})
-    run_transfer(cfg, parent_run_id=config["parent_run_id"],
-                 extra_tags={tracking.TAG_SWEEP_ID: config["sweep_id"]}, report=tune.report)
+    tags = {tracking.TAG_SWEEP_ID: config["sweep_id"], TAG_TRIAL_ID: tune.get_context().get_trial_id()}
+    run_transfer(cfg, parent_run_id=config["parent_run_id"], extra_tags=tags, report=tune.report)
+
+
+def _absolute_paths(cfg: TransferConfig) -> dict[str, str]:
+    changes = {}
+    for key in ("data_dir", "real_labels", "source"):
+        value = getattr(cfg, key)
+        if value and Path(value).expanduser().exists():
+            changes[key] = str(Path(value).expanduser().resolve())
+    return changes
 
 
 def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *, metric: str = "val_top1",
@@ -170,16 +181,17 @@ def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *,
     import ray
     from ray import tune
 
+    from mlpscale.tracking.sweeps import start_sweep_run
+
     cfg = validate(resolve_mode_defaults(cfg))
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
-    cfg = dataclasses.replace(cfg, tracking_uri=uri,
-                              data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None)
+    cfg = dataclasses.replace(cfg, tracking_uri=uri, **_absolute_paths(cfg))  # trials run in their own folders
     resolve_source(cfg.source, uri)  # fail before starting trials
     sweep_id = uuid.uuid4().hex[:12]
-    parent_id, _ = tracking.start_run(uri, cfg.experiment, run_name=cfg.run_name or f"{cfg.job}-grid-{sweep_id}",
-                                      tags={tracking.TAG_JOB: "sweep", tracking.TAG_SWEEP_ID: sweep_id},
-                                      params={"mode": cfg.mode, "source": cfg.source, "dataset": cfg.dataset,
-                                              "grid": {k: list(v) for k, v in grid.items()}})
+    parent_id, _ = start_sweep_run(uri, cfg.experiment, sweep_id,
+                                   run_name=cfg.run_name or f"{cfg.job}-grid-{sweep_id}",
+                                   params={"mode": cfg.mode, "source": cfg.source, "dataset": cfg.dataset,
+                                           "grid": {k: list(v) for k, v in grid.items()}})
     mlflow_client = tracking.client(uri)
     if not ray.is_initialized():
         ray.init()
@@ -191,7 +203,7 @@ def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *,
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric=metric, mode="max"),
                            run_config=tune.RunConfig(name=f"transfer-{sweep_id}",
-                                                     storage_path=storage_path or tempfile.mkdtemp(),
+                                                     storage_path=storage_path or str(repo_root() / "ray_results"),
                                                      verbose=0))
         results = tuner.fit()
         rows = []
