@@ -32,3 +32,10 @@ $(STAMP):
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# scaling-demo (scaling helper): the cpu-demo grid (16 tiny trials on digits) then the scaling-law fit,
+# end to end into outputs/scaling-demo (fit.json, points.parquet, plots/) and the MLflow store.
+SCALING_DEMO_NAME := scaling-demo-$(shell date +%Y%m%d-%H%M%S)
+scaling-demo: setup
+	$(PY) jobs/scaling_grid.py --preset cpu-demo --name $(SCALING_DEMO_NAME)
+	$(PY) jobs/fit_scaling_laws.py --sweep $(SCALING_DEMO_NAME) --out outputs/scaling-demo
