@@ -44,14 +44,14 @@ class PretrainConfig:
     data_dir: str | None = None
     resolution: int | None = None
     n_train: int | None = None
-    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     flip: bool = False
     mixup_alpha: float = 0.0
     order: str = "random"
     loader_workers: int = 2
     # optimisation
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 128
     accumulation_steps: int = 1
     optimizer: str = "lion"
