@@ -95,9 +95,14 @@ class Services:
         return f"http://{HOST}:{self.ports.agent}"
 
     def exports(self) -> dict[str, str]:
-        """What a shell needs for `ray job submit` (token auth on) and for MLflow clients to use these services."""
-        return {"RAY_ADDRESS": self.dashboard_url, "MLFLOW_TRACKING_URI": self.mlflow_url,
-                "RAY_AUTH_MODE": "token"}
+        """What a shell needs to use these services.
+
+        RAY_API_SERVER_ADDRESS (the dashboard) is what `ray job submit` and the state API read first;
+        RAY_ADDRESS (the GCS) is what ray.init() in a script reads, so `python jobs/pretrain.py` joins
+        the head; RAY_AUTH_MODE=token because the head runs with token authentication.
+        """
+        return {"RAY_API_SERVER_ADDRESS": self.dashboard_url, "RAY_ADDRESS": self.gcs_address,
+                "MLFLOW_TRACKING_URI": self.mlflow_url, "RAY_AUTH_MODE": "token"}
 
     def export_line(self) -> str:
         return "export " + " ".join(f"{key}={value}" for key, value in self.exports().items())
@@ -215,17 +220,23 @@ def local_ray_address(state_dir: str | os.PathLike | None = None) -> str | None:
 
 
 def driver_ray_address(state_dir: str | os.PathLike | None = None) -> str | None:
-    """The address a job's ray.init() should use; None means ray.init()'s own choice (RAY_ADDRESS, else local).
+    """The address a script's ray.init() should use; None means ray.init()'s own choice (RAY_ADDRESS, else local).
 
-    After `make up` a shell may export RAY_ADDRESS=http://127.0.0.1:8265 for the job CLI; ray.init() would
-    take that dashboard URL for a Ray Client address and fail, so it is mapped to the local head's GCS.
+    - RAY_ADDRESS set to a cluster address (what `ray job submit` gives its jobs): None, ray.init() reads it.
+    - RAY_ADDRESS set to the dashboard URL of the `make up` head (as Ray's job docs suggest): ray.init()
+      would take it for a Ray Client address and fail, so it maps to that head's GCS address.
+    - RAY_ADDRESS unset: the `make up` head when it runs (its address is not in /tmp/ray, so plain ray.init()
+      would not find it), else None (a local Ray).
     """
-    address = os.environ.get("RAY_ADDRESS", "")
-    if not address.startswith(("http://", "https://")):
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address and not address.startswith(("http://", "https://")):
         return None
     services = load_services(state_dir)
-    if services is not None and address.rstrip("/") == services.dashboard_url and local_ray_address(state_dir):
-        return services.gcs_address
+    head = local_ray_address(state_dir)
+    if not address:
+        return head
+    if services is not None and head and address.rstrip("/") == services.dashboard_url:
+        return head
     raise MlpscaleError(
         f"RAY_ADDRESS={address} is a dashboard URL (for `ray job submit`), not a cluster address for a "
         "script: submit the job with `ray job submit -- python jobs/<job>.py ...`, or unset RAY_ADDRESS "
@@ -304,7 +315,10 @@ def _start_ray_head(root: Path, ports: Ports, mlflow_url: str, num_cpus: int | N
     if num_gpus is not None:
         command += ["--num-gpus", str(num_gpus)]
     # Token auth explicitly on: the GCS listens on all interfaces; Ray creates ~/.ray/auth_token if missing.
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_url, MLPSCALE_REPO=str(repo_root()), RAY_AUTH_MODE="token")
+    # RAY_API_SERVER_ADDRESS: Ray's state API inside jobs (Train's placement-group cleaner) finds this head
+    # without scanning for GCS processes, which fails when other Ray instances run on the machine.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_url, MLPSCALE_REPO=str(repo_root()), RAY_AUTH_MODE="token",
+               RAY_API_SERVER_ADDRESS=f"http://{HOST}:{ports.dashboard}")
     # `ray job submit -- python ...` runs `python` from the head's PATH: make it this environment's.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("RAY_ADDRESS", None)
