@@ -39,3 +39,24 @@ SCALING_DEMO_NAME := scaling-demo-$(shell date +%Y%m%d-%H%M%S)
 scaling-demo: setup
 	$(PY) jobs/scaling_grid.py --preset cpu-demo --name $(SCALING_DEMO_NAME)
 	$(PY) jobs/fit_scaling_laws.py --sweep $(SCALING_DEMO_NAME) --out outputs/scaling-demo
+
+# --- services (helper services) ---
+# up/down/ui: a local Ray head (dashboard 127.0.0.1:$(DASHBOARD_PORT)) and an MLflow server (127.0.0.1:$(MLFLOW_PORT)),
+# state and stores under $(SERVICES)/ (see docs/services.md). `make up NUM_CPUS=4` limits the head's CPUs.
+# pretrain: the default run on the bundled digits (converted first when missing); PRETRAIN_ARGS adds options.
+SERVICE_PORTS = RAY_PORT=$(RAY_PORT) DASHBOARD_PORT=$(DASHBOARD_PORT) AGENT_PORT=$(AGENT_PORT) MLFLOW_PORT=$(MLFLOW_PORT)
+up: setup
+	$(SERVICE_PORTS) $(PY) jobs/services.py up --services-dir $(SERVICES) $(if $(NUM_CPUS),--num-cpus $(NUM_CPUS))
+
+down:
+	@if [ -x $(PY) ]; then $(SERVICE_PORTS) $(PY) jobs/services.py down --services-dir $(SERVICES); fi
+
+ui: setup
+	$(SERVICE_PORTS) $(PY) jobs/services.py ui --services-dir $(SERVICES)
+
+pretrain: setup
+	$(PY) jobs/prepare_data.py digits
+	$(PY) jobs/pretrain.py $(PRETRAIN_ARGS)
+
+clean-services: down
+	rm -rf $(SERVICES)
