@@ -141,7 +141,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if hasattr(train_data, "set_epoch"):
             train_data.set_epoch(epoch)
         try:
-            train_metrics = _train_epoch(train_model, train_data, optimizer, scheduler, cfg, device, precision)
+            poison = epoch == config.get("inject_nonfinite_epoch")
+            train_metrics = _train_epoch(train_model, train_data, optimizer, scheduler, cfg, device, precision,
+                                         poison=poison)
         except NonFiniteLoss as error:
             reason = f"non-finite training loss in epoch {epoch}: {error}; lower lr (now {cfg['lr']}) or set grad_clip"
             return _stop(reason, "nonfinite", mlflow_client, run_id, rank)
@@ -161,7 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "metrics": metrics}
 
 
-def _train_epoch(model, loader, optimizer, scheduler, cfg, device, precision) -> dict[str, float]:
+def _train_epoch(model, loader, optimizer, scheduler, cfg, device, precision, poison=False) -> dict[str, float]:
     model.train()
     start = time.perf_counter()
     accumulation = cfg["accumulation_steps"]
@@ -177,6 +179,8 @@ def _train_epoch(model, loader, optimizer, scheduler, cfg, device, precision) ->
                 logits = model(batch.images)
                 loss = mixup_cross_entropy(logits.float(), batch.labels, batch.labels_mixed, batch.lam,
                                            cfg["label_smoothing"])
+            if poison:
+                loss = loss * float("nan")
             (loss / accumulation).backward()
         n = batch.labels.numel()
         detached = loss.detach()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from mlpscale.paths import dataset_dir, repo_root, split_path
 
 log = logging.getLogger(__name__)
 
+# Fault injection for tests: poison the training loss in this epoch (read by the driver, passed to workers).
+INJECT_NONFINITE_ENV = "MLPSCALE_INJECT_NONFINITE_EPOCH"
 RUN_FILE = "mlpscale_run.json"  # beside Ray Train's files: the MLflow run a Ray run name belongs to
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
@@ -187,6 +190,7 @@ def worker_config(cfg: PretrainConfig, data: DataSpec, stats: dict[str, Any], *,
         "num_classes": int(data.meta["num_classes"]), "resolution": data.resolution, "n_train": data.n_train,
         "forward_flops": int(stats["forward_flops"]),
         "run_id": run_id, "tracking_uri": tracking_uri, "cpus_per_worker": cpus_per_worker,
+        "inject_nonfinite_epoch": int(os.environ.get(INJECT_NONFINITE_ENV, 0) or 0),
     }
 
 
