@@ -203,10 +203,16 @@ def _cpus_per_worker(cfg: PretrainConfig, use_gpu: bool) -> int:
 
 
 def _ensure_ray() -> None:
+    """Join the running cluster (RAY_ADDRESS, or the last `ray start` on this machine), else start Ray locally."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    if ray.is_initialized():
+        return
+    try:
+        ray.init()
+    except ConnectionError as error:  # a stale record of a head that is gone
+        log.warning("no reachable Ray cluster (%s); starting Ray locally", error)
+        ray.init(address="local")
 
 
 def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, extra_tags: dict[str, str] | None = None,
