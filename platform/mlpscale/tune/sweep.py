@@ -91,6 +91,8 @@ def storage_root(options: SweepOptions) -> Path:
 def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = False) -> SweepResult:
     """Run (or resume) a sweep; trial failures are recorded, never raised."""
     options.check()
+    if options.storage_path is None and base.storage_path:
+        options = dataclasses.replace(options, storage_path=base.storage_path)
     if resume:
         base, options, state = _load_state(options)
     else:
@@ -203,12 +205,35 @@ def _searcher(space: SearchSpace, options: SweepOptions, max_concurrent: int):
 
 
 def _scheduler(options: SweepOptions, epochs: int):
+    """ASHA with its rungs before the last epoch: a trial that reaches the last epoch is never stopped there
+    (Tune would kill it while it logs its model)."""
     if options.scheduler != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(options.grace_period, epochs),
-                         reduction_factor=options.reduction_factor)
+    last_rung = max(1, epochs - 1)
+    return ASHAScheduler(time_attr="training_iteration", max_t=last_rung,
+                         grace_period=min(options.grace_period, last_rung),
+                         reduction_factor=options.reduction_factor, stop_last_trials=False)
+
+
+def _placement_group_cleanup(context: SweepContext):
+    """A Tune callback removing a trial's worker-group placement group when Tune ends the trial.
+
+    A trial Tune stops (ASHA) dies with its Train controller, which leaves the worker group's placement
+    group behind; Ray Train's own cleaner needs the state API, which fails e.g. with several Ray
+    instances on one machine. Left there, it would hold the CPU/GPU later trials wait for.
+    """
+    from ray import tune
+
+    class PlacementGroupCleanup(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _remove_placement_groups(context, trial_id=trial.trial_id)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _remove_placement_groups(context, trial_id=trial.trial_id)
+
+    return PlacementGroupCleanup()
 
 
 def _trainable(context: SweepContext):
@@ -240,21 +265,27 @@ def _fit(context: SweepContext, space: SearchSpace, options: SweepOptions, exper
                                         num_samples=options.num_samples,
                                         max_concurrent_trials=max_concurrent if space.has_grid else None),
             run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                      callbacks=[_placement_group_cleanup(context)]),
         )
     results = tuner.fit()
-    _remove_leaked_placement_groups(context)
+    _remove_placement_groups(context)
     return results
 
 
-def _remove_leaked_placement_groups(context: SweepContext) -> None:
-    """Remove the worker-group placement groups of trials Tune killed (their Train controller died with them)."""
+def _remove_placement_groups(context: SweepContext, trial_id: str | None = None) -> None:
+    """Remove the worker-group placement groups still held by the sweep's (or one trial's) finished runs."""
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup
 
-    table = ray.util.placement_group_table()
-    for hex_id in sweeps.placement_groups(sweeps.trial_runs(context.tracking_uri, context.parent_run_id)):
+    try:
+        runs = sweeps.trial_runs(context.tracking_uri, context.parent_run_id, trial_id=trial_id)
+        table = ray.util.placement_group_table()
+    except Exception as error:  # noqa: BLE001 - cleanup must never end the sweep
+        log.warning("could not look up placement groups to clean up: %s", error)
+        return
+    for hex_id in sweeps.placement_groups(runs):
         if table.get(hex_id, {}).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
             log.info("removing placement group %s left by a stopped trial", hex_id)
             try:

@@ -81,12 +81,14 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     from mlpscale.train.pretrain import check_data, log_final_model, model_summary, worker_config
 
     trial_id = tune.get_context().get_trial_id()
-    cfg, extra_params = trial_config(context, config)
-    data = check_data(cfg)
-    stats = model_summary(cfg, data)
     uri = context.tracking_uri
     mlflow_client = tracking.client(uri)
     train_dir = Path(context.train_storage) / trial_id
+    if _replay_if_done(train_dir, mlflow_client, trial_id):
+        return
+    cfg, extra_params = trial_config(context, config)
+    data = check_data(cfg)
+    stats = model_summary(cfg, data)
     run_id = _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, train_dir, mlflow_client)
 
     loop_config = worker_config(cfg, data, stats, run_id=run_id, tracking_uri=uri,
@@ -118,6 +120,32 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     if result.checkpoint is not None:
         log_final_model(cfg, data, uri, run_id, result.checkpoint.path)
     tracking.finish_run(mlflow_client, run_id)
+
+
+def _replay_if_done(train_dir: Path, mlflow_client, trial_id: str) -> bool:
+    """A trial that already ended (Tune restored it from an older experiment state) is not run again.
+
+    A finished one reports its logged epochs to Tune again; a failed one fails again with its reason.
+    """
+    from ray import tune
+
+    record = train_dir / TRIAL_RUN_FILE
+    if not record.is_file():
+        return False
+    run_id = json.loads(record.read_text())["run_id"]
+    run = mlflow_client.get_run(run_id)
+    if run.info.status == "FAILED":
+        raise TrialFailed(f"trial {trial_id} failed before: {run.data.tags.get(tracking.TAG_FAILURE, 'unknown')}")
+    if run.info.status != "FINISHED":
+        return False
+    log.info("trial %s already finished in MLflow run %s: reporting its epochs, not training again", trial_id, run_id)
+    by_epoch: dict[int, dict[str, float]] = {}
+    for name in tracking.EPOCH_METRICS:
+        for metric in mlflow_client.get_metric_history(run_id, name):
+            by_epoch.setdefault(metric.step, {})[name] = metric.value
+    for epoch in sorted(by_epoch):
+        tune.report({**by_epoch[epoch], "epoch": epoch})
+    return True
 
 
 def _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, train_dir, mlflow_client) -> str:
