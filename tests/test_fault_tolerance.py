@@ -48,7 +48,7 @@ def latest_checkpoint_epoch(run_dir: Path) -> int:
 def train_workers(session: int) -> list[int]:
     """Pids of the Ray Train worker actors among the processes of one session."""
     found = []
-    for pid in services._session_processes([session]):
+    for pid in services.session_processes([session]):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
@@ -71,13 +71,13 @@ def wait_for(condition, what: str, driver: subprocess.Popen, log: Path, timeout:
 
 
 def kill_session(session: int) -> None:
-    for pid in services._session_processes([session]):
+    for pid in services.session_processes([session]):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 30
-    while services._session_processes([session]) and time.monotonic() < deadline:
+    while services.session_processes([session]) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
@@ -123,7 +123,7 @@ def test_worker_kill_then_driver_kill_then_resume_keep_one_gap_free_history(digi
         kill_session(driver.pid)
         driver.wait(timeout=30)
     finally:
-        if driver.poll() is None or services._session_processes([driver.pid]):
+        if driver.poll() is None or services.session_processes([driver.pid]):
             kill_session(driver.pid)
             driver.wait(timeout=30)
 

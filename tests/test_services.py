@@ -145,9 +145,9 @@ def test_bad_port_variable_is_a_user_error():
 
 def test_down_stops_every_process_and_is_idempotent(head):
     record = services.load_services(head["state_dir"])
-    assert services._session_processes([record.ray_session, record.mlflow_session])
+    assert record.processes("ray") and record.processes("mlflow")
     assert sorted(services.down(head["state_dir"])) == ["mlflow", "ray"]
-    assert not services._session_processes([record.ray_session, record.mlflow_session])
+    assert not record.processes()
     assert services.status(head["state_dir"])["running"] is False
     assert services.down(head["state_dir"]) == []
     for port in head["ports"].values():  # all ports can be bound again

@@ -81,6 +81,7 @@ class Services:
     mlflow_session: int
     gcs_address: str
     started_at: float
+    boot_id: str = ""
 
     @property
     def dashboard_url(self) -> str:
@@ -116,7 +117,16 @@ class Services:
     def from_json(cls, record: dict) -> "Services":
         return cls(state_dir=record["state_dir"], ports=Ports(**record["ports"]),
                    ray_session=int(record["ray_session"]), mlflow_session=int(record["mlflow_session"]),
-                   gcs_address=record["gcs_address"], started_at=float(record["started_at"]))
+                   gcs_address=record["gcs_address"], started_at=float(record["started_at"]),
+                   boot_id=record.get("boot_id", ""))
+
+    def processes(self, which: str = "all") -> set[int]:
+        """Live pids of 'ray', 'mlflow' or 'all'; none after a reboot (session ids are then someone else's)."""
+        if self.boot_id != _boot_id():
+            return set()
+        sessions = {"ray": [self.ray_session], "mlflow": [self.mlflow_session]}.get(
+            which, [self.ray_session, self.mlflow_session])
+        return session_processes(sessions)
 
 
 def services_dir(override: str | os.PathLike | None = None) -> Path:
@@ -159,10 +169,11 @@ def up(ports: Ports | None = None, *, num_cpus: int | None = None, num_gpus: int
     try:
         ray_session, gcs_address = _start_ray_head(root, ports, mlflow_url, num_cpus, num_gpus)
     except BaseException:
-        _stop_sessions([mlflow_process.pid])
+        stop_sessions([mlflow_process.pid])
         raise
     services = Services(state_dir=str(root), ports=ports, ray_session=ray_session,
-                        mlflow_session=mlflow_process.pid, gcs_address=gcs_address, started_at=time.time())
+                        mlflow_session=mlflow_process.pid, gcs_address=gcs_address, started_at=time.time(),
+                        boot_id=_boot_id())
     _write_state(root, services)
     try:
         _wait_until_healthy(services, mlflow_process, timeout_s)
@@ -173,15 +184,15 @@ def up(ports: Ports | None = None, *, num_cpus: int | None = None, num_gpus: int
     return services
 
 
-def down(state_dir: str | os.PathLike | None = None, *, grace_s: float = 8.0) -> list[str]:
+def down(state_dir: str | os.PathLike | None = None, *, grace_s: float = 6.0) -> list[str]:
     """Stop the recorded services (idempotent); returns the names of what was running."""
     root = services_dir(state_dir)
     services = load_services(root)
     if services is None:
         return []
-    stopped = [name for name, session in (("ray", services.ray_session), ("mlflow", services.mlflow_session))
-               if _session_processes([session])]
-    _stop_sessions([services.ray_session, services.mlflow_session], grace_s=grace_s)
+    stopped = [name for name in ("ray", "mlflow") if services.processes(name)]
+    if stopped:
+        stop_sessions([services.ray_session, services.mlflow_session], grace_s=grace_s)
     for name in (STATE_FILE, ENV_FILE):
         (root / name).unlink(missing_ok=True)
     return stopped
@@ -199,9 +210,9 @@ def status(state_dir: str | os.PathLike | None = None) -> dict:
 def health_problems(services: Services) -> list[str]:
     """What does not answer yet: each entry names the service and the URL probed."""
     problems = []
-    if not _session_processes([services.ray_session]):
+    if not services.processes("ray"):
         problems.append("the Ray head's processes are gone")
-    if not _session_processes([services.mlflow_session]):
+    if not services.processes("mlflow"):
         problems.append("the MLflow server's process is gone")
     for name, url, ray_auth in (("MLflow", f"{services.mlflow_url}/health", False),
                                 ("Ray dashboard", f"{services.dashboard_url}/api/version", True),
@@ -214,7 +225,7 @@ def health_problems(services: Services) -> list[str]:
 def local_ray_address(state_dir: str | os.PathLike | None = None) -> str | None:
     """The GCS address (host:port) of the head `make up` started, when it is running; for ray.init()."""
     services = load_services(state_dir)
-    if services is None or not _session_processes([services.ray_session]):
+    if services is None or not services.processes("ray"):
         return None
     return services.gcs_address
 
@@ -332,7 +343,7 @@ def _start_ray_head(root: Path, ports: Ports, mlflow_url: str, num_cpus: int | N
         except subprocess.TimeoutExpired:
             returncode = None
     if returncode != 0:
-        _stop_sessions([starter.pid])
+        stop_sessions([starter.pid])
         raise MlpscaleError(f"`ray start --head` failed (exit {returncode}); its output is in {log_path}:\n"
                             + _tail(log_path))
     address_file = temp_dir / "ray_current_cluster"
@@ -396,7 +407,14 @@ def _tail(path: Path, lines: int = 15) -> str:
 # --- stopping ---------------------------------------------------------------------------------------------
 
 
-def _session_processes(sessions: list[int]) -> set[int]:
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def session_processes(sessions: list[int]) -> set[int]:
     """Live processes of the given sessions plus all their descendants (Ray job drivers run in new sessions)."""
     parents: dict[int, int] = {}
     members: set[int] = set()
@@ -423,23 +441,23 @@ def _session_processes(sessions: list[int]) -> set[int]:
     return members
 
 
-def _stop_sessions(sessions: list[int], *, grace_s: float = 8.0) -> None:
+def stop_sessions(sessions: list[int], *, grace_s: float = 8.0) -> None:
     """SIGTERM every process of the sessions, then SIGKILL what is left after the grace period."""
     sessions = [session for session in sessions if session > 1]
     if not sessions:
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _session_processes(sessions):
+        for pid in session_processes(sessions):
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
-        while _session_processes(sessions) and time.monotonic() < deadline:
+        while session_processes(sessions) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not _session_processes(sessions):
+        if not session_processes(sessions):
             return
-    left = sorted(_session_processes(sessions))
+    left = sorted(session_processes(sessions))
     if left:
         logger.warning("processes still alive after SIGKILL: %s", left)
 
