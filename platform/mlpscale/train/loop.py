@@ -8,6 +8,7 @@ instead of an exception, so Ray Train does not retry a run that cannot succeed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -174,7 +175,7 @@ def _train_epoch(model, loader, optimizer, scheduler, cfg, device, precision, po
     for index, batch in enumerate(loader):
         last_micro = (index + 1) % accumulation == 0
         sync = getattr(model, "no_sync", None)
-        with (sync() if (sync is not None and not last_micro) else _null()):
+        with (sync() if (sync is not None and not last_micro) else contextlib.nullcontext()):
             with autocast(device, precision):
                 logits = model(batch.images)
                 loss = mixup_cross_entropy(logits.float(), batch.labels, batch.labels_mixed, batch.lam,
@@ -218,14 +219,6 @@ def _all_finite(value: torch.Tensor) -> bool:
 def _all_reduce_min(value: torch.Tensor) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _report(metrics, epoch, model, optimizer, scheduler, cfg, run_id, rank) -> None:

@@ -136,8 +136,6 @@ def _device_memory(device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(0).total_memory)
     try:
-        import os
-
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return None
