@@ -120,15 +120,17 @@ def trials_table(uri: str, parent_run_id: str, fields: list[str], metric: str, m
         values = [m.value for m in history]
         best = (max(values) if mode == "max" else min(values)) if values else None
         row = {"trial_id": run.data.tags.get(TAG_TRIAL_ID), "run_id": run.info.run_id, "status": run.info.status}
-        for name in fields:
-            row[name] = _param_value(run.data.params.get(name))
+        for name in fields:  # the sampled value (lr before any --lr-scaling)
+            sampled = run.data.params.get("base_lr") if name == "lr" else None
+            row[name] = _param_value(sampled or run.data.params.get(name))
+        row["lr_trained"] = _param_value(run.data.params.get("lr"))
         row[f"best_{metric}"] = best
         row[f"last_{metric}"] = values[-1] if values else None
         row["epochs_run"] = history[-1].step if history else 0
         row["epochs"] = int(run.data.params.get("epochs", 0) or 0)
         row["reason"] = run.data.tags.get(TAG_FAILURE) or run.data.tags.get(TAG_STOPPED) or ""
         rows.append(row)
-    columns = ["trial_id", "run_id", "status", *fields, f"best_{metric}", f"last_{metric}", "epochs_run",
+    columns = ["trial_id", "run_id", "status", *fields, "lr_trained", f"best_{metric}", f"last_{metric}", "epochs_run",
                "epochs", "reason"]
     return pd.DataFrame(rows, columns=columns)
 
