@@ -60,3 +60,9 @@ pretrain: setup
 
 clean-services: down
 	rm -rf $(SERVICES)
+
+# tune (tune helper): a smoke sweep (search_spaces/smoke.yaml) on the bundled digits, converted first when
+# missing; TUNE_ARGS adds sweep or pretrain options (see docs/tune.md).
+tune: setup
+	$(PY) jobs/prepare_data.py digits
+	$(PY) jobs/tune.py --space search_spaces/smoke.yaml --num-samples 4 --arch B_2-Wi_64 --epochs 4 $(TUNE_ARGS)
