@@ -66,3 +66,8 @@ clean-services: down
 tune: setup
 	$(PY) jobs/prepare_data.py digits
 	$(PY) jobs/tune.py --space search_spaces/smoke.yaml --num-samples 4 --arch B_2-Wi_64 --epochs 4 $(TUNE_ARGS)
+
+# bench: the measured comparisons behind benchmarks/RESULTS.md (loader and training throughput on this machine).
+bench: setup
+	$(PY) benchmarks/loader_throughput.py --images 20000 --resolutions 32 64 --workers 2 --epochs 2
+	$(PY) benchmarks/train_throughput.py
