@@ -61,6 +61,8 @@ def make_dataset(root: Path, *, images: int, test_images: int, resolution: int, 
 def in_memory_bound(args, device: torch.device, steps: int) -> float:
     """img/s of forward + loss + backward + optimizer step on one batch already on the device."""
     enable_fast_matmul(device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count())  # as the job's one worker (all CPUs); importing ffcv set it to 1
     precision = resolve_precision(args.precision, device)
     model = build_model(args.arch, resolution=args.resolution, num_classes=args.classes).to(device)
     optimizer = build_optimizer(model, "lion", lr=1e-5)
@@ -109,6 +111,16 @@ def job_throughput(args, root: Path) -> tuple[list[float], float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)], wall
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="B_6-Wi_256")
@@ -119,7 +131,7 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--bound-steps", type=int, default=20)
+    parser.add_argument("--bound-steps", type=int, default=40)
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--loader-workers", type=int, default=os.cpu_count())
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
@@ -132,15 +144,19 @@ def main() -> None:
         root = Path(tmp)
         make_dataset(root, images=args.images, test_images=args.test_images, resolution=args.resolution,
                      classes=args.classes)
-        bound = in_memory_bound(args, device, args.bound_steps)
+        # the bound before and after the job: on a shared machine the load drifts
+        bound_before = in_memory_bound(args, device, args.bound_steps)
         per_epoch, wall = job_throughput(args, root)
+        bound_after = in_memory_bound(args, device, args.bound_steps)
+    bound = (bound_before + bound_after) / 2
     steady = per_epoch[1:] or per_epoch
     job = statistics.median(steady)
     figures = {
         "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
         "precision": resolve_precision(args.precision, device), "device": torch.cuda.get_device_name(0)
-        if device.type == "cuda" else f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU",
-        "bound_img_s": round(bound), "job_img_s_per_epoch": [round(v) for v in per_epoch],
+        if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)",
+        "bound_img_s": round(bound), "bound_before_after_img_s": [round(bound_before), round(bound_after)],
+        "job_img_s_per_epoch": [round(v) for v in per_epoch],
         "job_img_s": round(job), "ratio": round(job / bound, 3), "job_wall_s": round(wall, 1),
         "command": "python benchmarks/train_throughput.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),

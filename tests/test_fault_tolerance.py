@@ -35,14 +35,19 @@ def job_overrides(data_root: Path, storage: Path) -> dict:
             "storage_path": str(storage), "experiment": EXPERIMENT, "run_name": RUN_NAME}
 
 
-def latest_checkpoint_epoch(run_dir: Path) -> int:
-    """The epoch of the newest checkpoint Ray Train's controller registered (0 when none yet)."""
+def latest_checkpoint(run_dir: Path) -> tuple[int, float]:
+    """Epoch and write time of the newest checkpoint Ray Train's controller registered ((0, 0) when none yet)."""
     try:
         snapshot = json.loads((run_dir / SNAPSHOT_FILE).read_text())
-    except (OSError, ValueError):
-        return 0
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("epoch", 0))
+        latest = snapshot.get("latest_checkpoint_result") or {}
+        written = (run_dir / latest["checkpoint_dir_name"]).stat().st_mtime
+    except (OSError, ValueError, KeyError):
+        return 0, 0.0
+    return int((latest.get("metrics") or {}).get("epoch", 0)), written
+
+
+def latest_checkpoint_epoch(run_dir: Path) -> int:
+    return latest_checkpoint(run_dir)[0]
 
 
 def train_workers(session: int) -> list[int]:
@@ -105,14 +110,17 @@ def test_worker_kill_then_driver_kill_then_resume_keep_one_gap_free_history(digi
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # (a) kill the train worker once Ray Train registered a checkpoint
-        first = wait_for(lambda: latest_checkpoint_epoch(run_dir), "the first registered checkpoint", driver, log)
+        wait_for(lambda: latest_checkpoint_epoch(run_dir), "the first registered checkpoint", driver, log)
         [worker] = wait_for(lambda: train_workers(driver.pid), "the train worker", driver, log)
         os.kill(worker, signal.SIGKILL)
+        killed_at = time.time()
 
-        # Ray Train restarts the worker from the checkpoint; wait for a later checkpoint of the new one
+        # Ray Train restarts the worker from the checkpoint; wait until the new worker wrote a checkpoint
+        # (one written after the kill) and the controller registered it
         def restarted():
             workers = [pid for pid in train_workers(driver.pid) if pid != worker]
-            return workers if (workers and latest_checkpoint_epoch(run_dir) > first) else None
+            epoch, written = latest_checkpoint(run_dir)
+            return workers if (workers and written > killed_at and epoch > 0) else None
 
         [new_worker] = wait_for(restarted, "a checkpoint from the restarted worker", driver, log)
         os.kill(new_worker, signal.SIGSTOP)  # freeze progress so the run cannot finish before the driver dies
