@@ -251,9 +251,9 @@ def to_tune_space(space: SearchSpace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in space.params:
         if p.distribution == "grid":
-            out[p.field] = tune.grid_search([_tune_value(v) for v in p.values])
+            out[p.field] = tune.grid_search([tune_value(v) for v in p.values])
         elif p.distribution == "choice":
-            out[p.field] = tune.choice([_tune_value(v) for v in p.values])
+            out[p.field] = tune.choice([tune_value(v) for v in p.values])
         elif p.distribution == "loguniform":
             out[p.field] = tune.loguniform(p.low, p.high)
         elif p.distribution == "uniform":
@@ -263,7 +263,7 @@ def to_tune_space(space: SearchSpace) -> dict[str, Any]:
     return out
 
 
-def _tune_value(value: Any) -> Any:
+def tune_value(value: Any) -> Any:
     # Optuna's categorical choices must be None/bool/int/float/str: sequences travel as JSON strings.
     return json.dumps(list(value)) if isinstance(value, tuple) else value
 

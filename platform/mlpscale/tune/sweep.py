@@ -178,12 +178,12 @@ def _sweep_params(options: SweepOptions, space: SearchSpace, max_concurrent: int
 
 
 def _sample_extremes(space: SearchSpace) -> list[dict[str, Any]]:
-    from mlpscale.tune.space import _tune_value
+    from mlpscale.tune.space import tune_value
 
     lows, highs = {}, {}
     for p in space.params:
         if p.values is not None:
-            lows[p.field], highs[p.field] = _tune_value(p.values[0]), _tune_value(p.values[-1])
+            lows[p.field], highs[p.field] = tune_value(p.values[0]), tune_value(p.values[-1])
         else:
             lows[p.field], highs[p.field] = p.low, p.high
     return [lows, highs]
