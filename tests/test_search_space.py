@@ -95,3 +95,27 @@ def test_missing_and_malformed_files(tmp_path):
     broken.write_text("lr: {distribution: [\n")
     with pytest.raises(MlpscaleError, match="not valid YAML"):
         load_space(broken)
+
+
+def load_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_job", SPACES.parent / "jobs" / "tune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_rejects_bad_input_before_any_trial(tmp_path, tracking_uri, capsys):
+    job = load_job()
+    bad = write_space(tmp_path, {"lr": {"distribution": "loguniform", "low": 1e-2, "high": 1e-4}})
+    storage = ["--storage-path", str(tmp_path / "ray")]
+    assert job.main(["--space", str(bad), *storage]) == 2
+    assert "entry 'lr': low (0.01) must be smaller than high (0.0001)" in capsys.readouterr().err
+    assert job.main(["--space", str(SPACES / "smoke.yaml"), "--scheduler", "hyperband", *storage]) == 2
+    assert "--scheduler 'hyperband'" in capsys.readouterr().err
+    assert job.main(["--resume", "--name", "never-ran", *storage]) == 2
+    assert "no sweep named 'never-ran'" in capsys.readouterr().err
+    assert job.main([]) == 2
+    assert "--space" in capsys.readouterr().err
+    assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").iterdir())
