@@ -156,6 +156,26 @@ def test_eval_upscales_to_a_larger_resolution(beton):
     assert (np.diff(ramp, axis=1) >= -1e-3).all() and (ramp[:, -1] - ramp[:, 0] > 200).all()
 
 
+def test_eval_decodes_jpeg_images(tmp_path):
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class Encoded:
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return _image(8 * i), i % 10
+
+    path = tmp_path / "jpeg.beton"
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(Encoded())
+    batch = next(iter(eval_loader(path, batch_size=32, resolution=RES, mean=MEAN, std=STD, device="cpu",
+                                  num_workers=1)))
+    assert batch.images.shape == (32, 3, RES, RES)
+    np.testing.assert_allclose(_raw(batch.images)[:, 0, RES // 2, RES // 2], 8 * np.arange(32), atol=6)
+
+
 def test_tta_passes_keep_file_order_draw_new_crops_and_replay(beton):
     loader = tta_loader(beton, batch_size=100, resolution=RES, mean=MEAN, std=STD, device="cpu",
                         scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), seed=5, num_workers=1)

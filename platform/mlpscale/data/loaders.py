@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from mlpscale.data.augment import EpochCell, SeededRandomHorizontalFlip, SeededRandomResizedCrop
+from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop
 from mlpscale.data.mixup import MixUp
 from mlpscale.errors import MlpscaleError
 
@@ -89,7 +90,7 @@ class MlpLoader:
         torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count to its worker count
         self.epoch = epoch + 1
         try:
-            for images, labels in iterator:
+            for images, labels in _batches(iterator):
                 images = self.normalize(images)
                 labels = labels.to(torch.int64, copy=True)  # FFCV reuses its label buffers
                 if self.mixup is not None and self.mixup.enabled:
@@ -105,12 +106,10 @@ def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, n
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, mixup_alpha: float = 0.0,
                  seed: int = 0, order: str = "random", distributed: bool = False, drop_last: bool = True,
                  channels_last: bool = False) -> MlpLoader:
-    """Random resized crop -> flip -> device -> normalise -> MixUp, in random or quasi-random order."""
+    """Random resized crop and flip -> device -> normalise -> MixUp, in random or quasi-random order."""
     _check_scale_ratio(scale, ratio)
     epoch = EpochCell()
-    image_ops = [SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch)]
-    if flip:
-        image_ops.append(SeededRandomHorizontalFlip(seed=seed, epoch=epoch))
+    image_ops = [SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip)]
     loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
                           image_ops=image_ops, order=order, seed=seed, distributed=distributed,
                           drop_last=drop_last, channels_last=channels_last)
@@ -121,9 +120,7 @@ def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, n
 def eval_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int = 2,
                 distributed: bool = False, channels_last: bool = False) -> MlpLoader:
     """Centre crop (the whole square image) resized to `resolution`, every example once, in file order."""
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-
-    image_ops = [CenterCropRGBImageDecoder((resolution, resolution), ratio=1.0)]
+    image_ops = [CenterCrop((resolution, resolution), ratio=1.0)]
     loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
                           image_ops=image_ops, order="sequential", seed=0, distributed=distributed,
                           drop_last=False, channels_last=channels_last)
@@ -141,9 +138,7 @@ def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, sca
     """
     _check_scale_ratio(scale, ratio)
     epoch = EpochCell()
-    image_ops = [SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch)]
-    if flip:
-        image_ops.append(SeededRandomHorizontalFlip(seed=seed, epoch=epoch))
+    image_ops = [SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip)]
     loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
                           image_ops=image_ops, order="sequential", seed=seed, distributed=distributed,
                           drop_last=False, channels_last=channels_last)
@@ -193,13 +188,44 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, image_ops, order, see
     return loader
 
 
+def _batches(iterator) -> Iterator[tuple]:
+    """FFCV's EpochIterator.__next__, but an error in the pipeline thread raises here instead of hanging."""
+    while True:
+        try:
+            item = iterator.output_queue.get(timeout=1.0)
+        except queue.Empty:
+            if not iterator.is_alive():
+                raise RuntimeError(f"the FFCV pipeline of {iterator.loader.fname} stopped without finishing the "
+                                   "epoch; its error is printed above") from None
+            continue
+        if item is None:
+            return
+        slot, result = item
+        if _ffcv_uses_cuda():
+            iterator.current_stream.wait_stream(iterator.cuda_streams[slot])
+        yield result
+
+
+def _ffcv_uses_cuda() -> bool:
+    from ffcv.loader.epoch_iterator import IS_CUDA
+
+    return IS_CUDA
+
+
 def _stop(iterator) -> None:
     """Stop FFCV's prefetch thread, then release its memory (an abandoned epoch's thread runs on otherwise).
 
-    The thread fills its queue (a few batches), notices the stop flag within half a second, and exits.
+    The thread gives up on a full queue after 0.5 s once told to stop, but its end-of-epoch marker
+    waits for a free slot, so a slot is freed every second until it exits.
     """
     iterator.terminate_event.set()
-    iterator.join()
+    iterator.join(timeout=1.0)
+    while iterator.is_alive():
+        try:
+            iterator.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        iterator.join(timeout=1.0)
     iterator.close()
 
 
