@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -97,7 +98,9 @@ def write_plots(table: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
         jobs.append(("param_importances.png", optuna_plots.plot_param_importances))
     for name, plot in jobs:
         try:
-            axes = plot(study, target_name=f"best {metric}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = plot(study, target_name=f"best {metric}")
             axes.figure.tight_layout()
             axes.figure.savefig(plots / name, dpi=120)
             plt.close(axes.figure)
