@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from mlpscale.config import _parse_bool, read_yaml, save_yaml  # noqa: F401  (save_yaml re-exported)
+from mlpscale.config import _parse_bool, read_yaml
 from mlpscale.errors import MlpscaleError
 
 MODES = ("finetune", "linear")

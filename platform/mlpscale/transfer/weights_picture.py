@@ -28,8 +28,8 @@ def first_layer_filters(model: torch.nn.Module, resolution: int, count: int = 25
     weight = embed.weight.detach().float().cpu()
     pixels = resolution * resolution
     if weight.shape[1] % pixels:
-        raise MlpscaleError(f"the first layer takes {weight.shape[1]} inputs, not a multiple of {resolution}x{resolution}; "
-                            "pass the resolution the model was trained at")
+        raise MlpscaleError(f"the first layer takes {weight.shape[1]} inputs, not a multiple of "
+                            f"{resolution}x{resolution}; pass the resolution the model was trained at")
     channels = weight.shape[1] // pixels
     units = weight[:count].reshape(-1, channels, resolution, resolution)
     return units.amax(dim=1).numpy()
