@@ -72,6 +72,7 @@ def test_up_waits_until_usable_and_prints_the_exports(head):
     env_file = (head["state_dir"] / services.ENV_FILE).read_text()
     assert f"export MLFLOW_TRACKING_URI={mlflow_url}\n" in env_file
     assert f"export RAY_ADDRESS={record.gcs_address}\n" in env_file
+    assert services.ui_command(head["ports"]["MLFLOW_PORT"], head["state_dir"]) == (mlflow_url, None)
     # a second `up` finds the running services instead of starting new ones
     again = services.up(services.Ports(**{f: head["ports"][v] for f, v in services.PORT_VARIABLES.items()}),
                         state_dir=head["state_dir"])
@@ -135,6 +136,14 @@ def test_port_in_use_is_named_with_the_variable_to_change(tmp_path):
         with pytest.raises(MlpscaleError, match=f"port {port} \\(MLFLOW_PORT\\).*MLFLOW_PORT={port + 1}"):
             services.up(ports, state_dir=tmp_path / "svc")
     assert services.load_services(tmp_path / "svc") is None
+
+
+def test_ui_without_server_runs_mlflow_ui_on_the_default_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    url, command = services.ui_command(5123, tmp_path / "no-services")
+    assert url == "http://127.0.0.1:5123"
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{services.repo_root() / 'mlflow.db'}"
+    assert command[command.index("--port") + 1] == "5123"
 
 
 def test_bad_port_variable_is_a_user_error():
