@@ -154,16 +154,21 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def _grid_trial(config: dict) -> None:
-    """The Ray Tune trainable: one transfer run with the trial's values, reporting every epoch."""
+def transfer_trainable(config: dict) -> None:
+    """The Ray Tune function trainable: one transfer run with the trial's values, reporting every epoch.
+
+    `config` holds `base` (a TransferConfig.to_dict()), `parent_run_id`, `sweep_id` and the swept keys.
+    """
     from ray import tune
 
     from mlpscale.tracking.sweeps import TAG_TRIAL_ID
 
     base = TransferConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["base"].items()})
     cfg = apply(base, {key: config[key] for key in config if key not in ("base", "parent_run_id", "sweep_id")})
-    tags = {tracking.TAG_SWEEP_ID: config["sweep_id"], TAG_TRIAL_ID: tune.get_context().get_trial_id()}
-    run_transfer(cfg, parent_run_id=config["parent_run_id"], extra_tags=tags, report=tune.report)
+    tags = {TAG_TRIAL_ID: tune.get_context().get_trial_id()}
+    if config.get("sweep_id"):
+        tags[tracking.TAG_SWEEP_ID] = config["sweep_id"]
+    run_transfer(cfg, parent_run_id=config.get("parent_run_id"), extra_tags=tags, report=tune.report)
 
 
 def _absolute_paths(cfg: TransferConfig) -> dict[str, str]:
@@ -198,7 +203,7 @@ def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *,
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     space = {"base": cfg.to_dict(), "parent_run_id": parent_id, "sweep_id": sweep_id,
              **{key: tune.grid_search(list(values)) for key, values in grid.items()}}
-    trainable = tune.with_resources(_grid_trial, {"cpu": 1, "gpu": gpus})
+    trainable = tune.with_resources(transfer_trainable, {"cpu": 1, "gpu": gpus})
     try:
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric=metric, mode="max"),
