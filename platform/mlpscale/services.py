@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -460,11 +459,3 @@ def stop_sessions(sessions: list[int], *, grace_s: float = 8.0) -> None:
     left = sorted(session_processes(sessions))
     if left:
         logger.warning("processes still alive after SIGKILL: %s", left)
-
-
-def remove_state(state_dir: str | os.PathLike | None = None, *, stores: bool = False) -> None:
-    """Forget the services record; with stores=True also delete the MLflow store and Ray's temp dir."""
-    root = services_dir(state_dir)
-    down(root)
-    if stores:
-        shutil.rmtree(root, ignore_errors=True)
