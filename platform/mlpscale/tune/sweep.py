@@ -100,7 +100,7 @@ def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = Fal
     validate(base)
     space = load_space(options.space) if state is None else parse_space(state["space"], source=state["space_file"])
     check_against_config(space, base)
-    uri = tracking.resolve_tracking_uri(base.tracking_uri)
+    uri = state["tracking_uri"] if state else tracking.resolve_tracking_uri(base.tracking_uri)
 
     from mlpscale.train.pretrain import check_data
 
@@ -123,6 +123,7 @@ def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = Fal
         space_copy = experiment_dir / "search_space.yaml"
         space_copy.write_text(Path(options.space).read_text())
         tracking.log_file_artifact(tracking.client(uri), parent_run_id, space_copy)
+        tracking.log_dict_artifact(tracking.client(uri), parent_run_id, base.to_dict(), "base_config.yaml")
         state = {"sweep_id": sweep_id, "parent_run_id": parent_run_id, "tracking_uri": uri,
                  "base_config": base.to_dict(), "options": dataclasses.asdict(options),
                  "space": space.to_dict(), "space_file": str(options.space)}
