@@ -18,12 +18,17 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+import torch
+
+_torch_threads = torch.get_num_threads()
 from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
                                    get_center_crop, get_random_crop)
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.compiler import Compiler
+torch.set_num_threads(_torch_threads)  # importing FFCV sets torch's thread count to 1
 
 _SEED_MOD = 2**31 - 1
+_NEVER_FREED: list = []
 
 
 @intrinsic
@@ -90,13 +95,14 @@ class CenterCrop(CenterCropRGBImageDecoder):
 def _crop_decoder(op, get_crop, scale, ratio, *, seed, epoch, flip) -> Callable:
     """The decode loop of FFCV's ResizedCropRGBImageDecoder, plus per-sample seeding and an in-place flip.
 
-    JPEG decoding gets its constant arguments as typed run-time values: numba's dispatcher finalizer
-    raises KeyError on literal-typed signatures (an "Exception ignored" when a loader is freed).
+    The compiled JPEG decoder is kept for the life of the process: when numba frees it, its
+    dispatcher finalizer fails on its signature's key (a KeyError "Exception ignored").
     """
     jpg = IMAGE_MODES['jpg']
     mem_read = op.memory_read
     my_range = Compiler.get_iterator()
     imdecode_c = Compiler.compile(imdecode)
+    _NEVER_FREED.append(imdecode_c)
     resize_crop_c = Compiler.compile(resize_crop)
     get_crop_c = Compiler.compile(get_crop)
     sample_seed = Compiler.compile(_sample_seed)
@@ -114,11 +120,8 @@ def _crop_decoder(op, get_crop, scale, ratio, *, seed, epoch, flip) -> Callable:
             height = np.uint32(field['height'])
             width = np.uint32(field['width'])
             if field['mode'] == jpg:
-                zero = np.uint32(0)
-                one = np.uint32(1)
-                no = height < zero
                 temp_buffer = temp_storage[dst_ix]
-                imdecode_c(image_data, temp_buffer, height, width, height, width, zero, zero, one, one, no, no)
+                imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
                 selected_size = 3 * height * width
                 temp_buffer = temp_buffer.reshape(-1)[:selected_size]
                 temp_buffer = temp_buffer.reshape(height, width, 3)

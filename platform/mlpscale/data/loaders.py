@@ -87,10 +87,11 @@ class MlpLoader:
             self.mixup.set_epoch(epoch)
         torch_threads = torch.get_num_threads()
         iterator = iter(self.ffcv_loader)
-        torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count to its worker count
         self.epoch = epoch + 1
         try:
-            for images, labels in _batches(iterator):
+            for step, (images, labels) in enumerate(_batches(iterator)):
+                if step == 0:  # FFCV's threads set torch's thread count to theirs before the first batch
+                    torch.set_num_threads(torch_threads)
                 images = self.normalize(images)
                 labels = labels.to(torch.int64, copy=True)  # FFCV reuses its label buffers
                 if self.mixup is not None and self.mixup.enabled:
