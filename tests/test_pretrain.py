@@ -63,6 +63,8 @@ def test_end_to_end_run_record_model_and_resume(digits_dir, tracking_uri, tmp_pa
 
     artifacts = {a.path for a in mlflow_client.list_artifacts(result.run_id)}
     assert {"config.yaml", "meta.json"} <= artifacts
+    plots = {a.path for a in mlflow_client.list_artifacts(result.run_id, "plots")}
+    assert "plots/first_layer_weights.png" in plots
     model = tracking.load_model(result.model_uri, tracking_uri)
     logits = model(torch.from_numpy(np.zeros((3, 3, 16, 16), np.float32)))
     assert logits.shape == (3, 10)

@@ -234,8 +234,17 @@ def log_model(uri: str, run_id: str, model, input_example, *, register: str | No
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as _:
         info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example,
-                                        registered_model_name=register, serialization_format="pickle")
+                                        registered_model_name=register, serialization_format="pickle",
+                                        pip_requirements=_model_requirements())
     return info.model_uri
+
+
+def _model_requirements() -> list[str]:
+    """What loading a logged model needs, stated instead of inferred (inference costs seconds per model)."""
+    import numpy as np
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
 
 
 def load_model(model_uri: str, uri: str | None = None):

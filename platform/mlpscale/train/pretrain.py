@@ -204,10 +204,12 @@ def _ensure_ray() -> None:
     """Join the running cluster (RAY_ADDRESS, or the last `ray start` on this machine), else start Ray locally."""
     import ray
 
+    from mlpscale.services import driver_ray_address
+
     if ray.is_initialized():
         return
     try:
-        ray.init()
+        ray.init(address=driver_ray_address())
     except ConnectionError as error:  # a stale record of a head that is gone
         log.warning("no reachable Ray cluster (%s); starting Ray locally", error)
         ray.init(address="local")
@@ -303,11 +305,13 @@ def log_final_model(cfg: PretrainConfig, data: DataSpec, uri: str, run_id: str, 
 
     from mlpscale.models import build_model
     from mlpscale.train.checkpoint import load_state
+    from mlpscale.transfer.weights_picture import log_weights_picture
 
     state = load_state(checkpoint_path)
     model = build_model(cfg.arch, resolution=data.resolution, num_classes=int(data.meta["num_classes"]),
                         expansion=cfg.expansion, activation=cfg.activation, normalization=cfg.normalization,
                         dropout=cfg.dropout)
     model.load_state_dict(state["model"])
+    log_weights_picture(model, data.resolution, run_id, uri)
     example = np.random.default_rng(cfg.seed).standard_normal((2, 3, data.resolution, data.resolution))
     return tracking.log_model(uri, run_id, model, example.astype(np.float32), register=cfg.register)
