@@ -146,11 +146,12 @@ def _parse_bool(key: str, value: Any) -> bool:
     raise MlpscaleError(f"{key}={value!r} is not a boolean; use true or false")
 
 
-def coerce_value(key: str, value: Any) -> Any:
-    """Convert a YAML/CLI value to the field's type; MlpscaleError naming the key when it cannot."""
-    if key not in FIELD_NAMES:
-        raise MlpscaleError(f"unknown config key {key!r}; known keys: {', '.join(FIELD_NAMES)}")
-    kind, optional = _base_type(_HINTS[key])
+def coerce_field(config_class: type, key: str, value: Any, *, label: str = "config") -> Any:
+    """Convert a YAML/CLI value to the type of `config_class`'s field `key`; MlpscaleError naming the key."""
+    names = tuple(f.name for f in fields(config_class))
+    if key not in names:
+        raise MlpscaleError(f"unknown {label} key {key!r}; known keys: {', '.join(names)}")
+    kind, optional = _base_type(typing.get_type_hints(config_class)[key])
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         if optional:
             return None
@@ -179,12 +180,16 @@ def coerce_value(key: str, value: Any) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise MlpscaleError(f"{key}={value!r} is not a valid {_type_name(key)}") from None
+        raise MlpscaleError(f"{key}={value!r} is not a valid {_type_name(kind, optional)}") from None
     return value
 
 
-def _type_name(key: str) -> str:
-    kind, optional = _base_type(_HINTS[key])
+def coerce_value(key: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the PretrainConfig field's type; MlpscaleError naming the key when it cannot."""
+    return coerce_field(PretrainConfig, key, value)
+
+
+def _type_name(kind: type, optional: bool) -> str:
     name = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string",
             tuple: "pair of numbers (e.g. 0.08 1.0)"}.get(kind, str(kind))
     return name + (" or none" if optional else "")
@@ -284,8 +289,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PretrainConfig()
     for name in FIELD_NAMES:
         flag = "--" + name.replace("_", "-")
-        kind, _ = _base_type(_HINTS[name])
-        help_text = f"{_type_name(name)}; default {getattr(defaults, name)!r}"
+        kind, optional = _base_type(_HINTS[name])
+        help_text = f"{_type_name(kind, optional)}; default {getattr(defaults, name)!r}"
         if name in CHOICES:
             help_text += f"; one of {', '.join(CHOICES[name])}"
         nargs = 2 if kind is tuple else None
@@ -306,5 +311,5 @@ def fields_table() -> str:
     defaults = PretrainConfig()
     rows = ["| field | type | default |", "|---|---|---|"]
     for name in FIELD_NAMES:
-        rows.append(f"| `{name}` | {_type_name(name)} | `{getattr(defaults, name)!r}` |")
+        rows.append(f"| `{name}` | {_type_name(*_base_type(_HINTS[name]))} | `{getattr(defaults, name)!r}` |")
     return "\n".join(rows)

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from mlpscale.config import _parse_bool, read_yaml
+from mlpscale.config import _base_type, coerce_field, read_yaml
 from mlpscale.errors import MlpscaleError
 
 MODES = ("finetune", "linear")
@@ -87,45 +87,9 @@ FIELD_NAMES = tuple(f.name for f in fields(TransferConfig))
 _HINTS = typing.get_type_hints(TransferConfig)
 
 
-def _kind(key: str) -> tuple[type, bool]:
-    hint = _HINTS[key]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        hint = [arg for arg in args if arg is not type(None)][0]
-    return (typing.get_origin(hint) or hint), optional
-
-
 def coerce_value(key: str, value: Any) -> Any:
     """A YAML/CLI value converted to the field's type; MlpscaleError naming the key when it cannot be."""
-    if key not in FIELD_NAMES:
-        raise MlpscaleError(f"unknown transfer config key {key!r}; known keys: {', '.join(FIELD_NAMES)}")
-    kind, optional = _kind(key)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-        if optional:
-            return None
-        raise MlpscaleError(f"{key} must not be empty")
-    try:
-        if kind is bool:
-            return _parse_bool(key, value)
-        if kind is int:
-            number = float(value)
-            if isinstance(value, bool) or not number.is_integer():
-                raise ValueError
-            return int(number)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind is tuple:
-            items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
-            if len(items) != 2:
-                raise ValueError
-            return (float(items[0]), float(items[1]))
-        return str(value)
-    except (TypeError, ValueError):
-        raise MlpscaleError(f"{key}={value!r} is not a valid {kind.__name__}"
-                            + (" pair such as 0.35,1.0" if kind is tuple else "")) from None
+    return coerce_field(TransferConfig, key, value, label="transfer config")
 
 
 def apply(cfg: TransferConfig, values: Mapping[str, Any]) -> TransferConfig:
@@ -197,7 +161,7 @@ def add_transfer_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML file of transfer config fields")
     defaults = TransferConfig()
     for name in FIELD_NAMES:
-        kind, _ = _kind(name)
+        kind, _ = _base_type(_HINTS[name])
         flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
         default = MODE_DEFAULTS["finetune"].get(name, getattr(defaults, name))
         help_text = f"default {default!r}" + (" (finetune; linear: "
