@@ -157,7 +157,13 @@ def _use_gpu(cfg: PretrainConfig) -> bool:
 
 
 def storage_root(cfg: PretrainConfig) -> Path:
-    """Where Ray Train keeps runs and checkpoints: --storage-path or <repo>/ray_results (absolute)."""
+    """Where Ray Train keeps runs and checkpoints: --storage-path or <repo>/ray_results (absolute).
+
+    Only local paths and shared mounts are supported: every node of a cluster must see the same path.
+    """
+    if cfg.storage_path and "://" in cfg.storage_path:
+        raise MlpscaleError(f"storage_path={cfg.storage_path!r}: URIs are not supported yet; use a path that "
+                            "every node reaches (a shared mount such as /mnt/shared/ray_results)")
     return Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else repo_root() / "ray_results"
 
 

@@ -154,15 +154,19 @@ def _ensure_ray() -> None:
 
 
 def _concurrency(options: SweepOptions, use_gpu: bool) -> tuple[int, int]:
-    """(trials at a time, CPUs per trial's worker): one trial per GPU, or the CPUs shared between trials."""
+    """(trials at a time, CPUs per trial's worker): one trial per GPU, or the CPUs shared between trials.
+
+    An explicit --max-concurrent on GPUs is kept as given: an autoscaling cluster adds GPU nodes for
+    the trials waiting beyond the GPUs present now.
+    """
     import ray
 
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
     if use_gpu:
-        limit = max(1, gpus)
-        max_concurrent = min(options.max_concurrent or limit, limit)
-        return max_concurrent, max(1, min(8, cpus // limit))
+        present = max(1, gpus)
+        max_concurrent = options.max_concurrent or present
+        return max_concurrent, max(1, min(8, cpus // present))
     max_concurrent = options.max_concurrent or max(1, cpus)
     max_concurrent = min(max_concurrent, max(1, cpus))
     return max_concurrent, max(1, cpus // max_concurrent)
