@@ -5,7 +5,7 @@
 # Binds to the head's private address only (the cluster's own nodes reach it, nothing else);
 # users come in through SSH port forwarding (docs/cluster.md). Settings, all from the environment
 # (cluster.yaml sources ~/mlpscale/cluster/cluster.env first; no credentials live in the repository):
-#   MLPSCALE_MLFLOW_BACKEND_URI   backend store, e.g. postgresql://user:pass@db-host:5432/mlflow
+#   MLPSCALE_MLFLOW_BACKEND_URI   backend store, e.g. postgresql+psycopg2://user:pass@db-host:5432/mlflow
 #                                 (default: sqlite file under $MLPSCALE_MLFLOW_DIR)
 #   MLPSCALE_MLFLOW_ARTIFACTS     artifact destination the server proxies (s3://bucket/prefix or a
 #                                 path; default $MLPSCALE_MLFLOW_DIR/artifacts)

@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     sweep.add_argument("--base-batch-size", type=int, default=None,
                        help="batch size the lr is given for (default: the pretrain batch_size)")
     sweep.add_argument("--search-seed", type=int, default=0, help="seed of Optuna's TPE sampler; default 0")
+    sweep.add_argument("--trial-retries", type=int, default=2,
+                       help="restarts of a trial whose node or worker was lost (from its last checkpoint, same "
+                            "MLflow run); a NaN failure is final; default 2")
     sweep.add_argument("--name", default=None, help="sweep id and experiment folder (default sweep-<time>)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the sweep named by --name (else the newest) after its driver was stopped")
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
                            scheduler=args.scheduler, metric=args.metric, mode=args.mode, lr_scaling=args.lr_scaling,
                            base_batch_size=args.base_batch_size, seed=args.search_seed,
                            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                           name=args.name, storage_path=cfg.storage_path)
+                           name=args.name, storage_path=cfg.storage_path, trial_retries=args.trial_retries)
     result = run_sweep(cfg, options, resume=args.resume)
     return 0 if result.best_config_path is not None else 1
 

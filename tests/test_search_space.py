@@ -114,6 +114,8 @@ def test_cli_rejects_bad_input_before_any_trial(tmp_path, tracking_uri, capsys):
     assert "entry 'lr': low (0.01) must be smaller than high (0.0001)" in capsys.readouterr().err
     assert job.main(["--space", str(SPACES / "smoke.yaml"), "--scheduler", "hyperband", *storage]) == 2
     assert "--scheduler 'hyperband'" in capsys.readouterr().err
+    assert job.main(["--space", str(SPACES / "smoke.yaml"), "--trial-retries", "-1", *storage]) == 2
+    assert "--trial-retries must be 0 or more; got -1" in capsys.readouterr().err
     assert job.main(["--resume", "--name", "never-ran", *storage]) == 2
     assert "no sweep named 'never-ran'" in capsys.readouterr().err
     assert job.main([]) == 2

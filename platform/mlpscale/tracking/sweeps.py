@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 TAG_TRIAL_ID = "mlpscale.trial_id"
 TAG_PLACEMENT_GROUP = "mlpscale.placement_group"
+TAG_NODE_IDS = "mlpscale.node_ids"
 TAG_STOPPED = "mlpscale.stopped"
 TAG_SPACE = "mlpscale.search_space"
 
@@ -79,6 +80,13 @@ def trial_runs(uri: str, parent_run_id: str, *, trial_id: str | None = None) -> 
 
 def record_placement_group(uri: str, run_id: str, placement_group_hex: str) -> None:
     client(uri).set_tag(run_id, TAG_PLACEMENT_GROUP, placement_group_hex)
+
+
+def record_node(uri: str, run_id: str, node_id: str) -> None:
+    """Append the Ray node a trial's Train worker (re)started on to the run's node list (comma separated)."""
+    mlflow_client = client(uri)
+    nodes = [n for n in mlflow_client.get_run(run_id).data.tags.get(TAG_NODE_IDS, "").split(",") if n]
+    mlflow_client.set_tag(run_id, TAG_NODE_IDS, ",".join([*nodes, node_id]))
 
 
 def placement_groups(runs: Iterable) -> list[str]:

@@ -1,6 +1,9 @@
 """The sweep driver: a validated space and a base pretrain config -> a Ray Tune experiment -> MLflow parent run.
 
-Each trial is one Ray Train run with one worker (one GPU when the cluster has GPUs); Optuna's TPE
+Each trial is one Ray Train run with one worker (one GPU when the cluster has GPUs); a trial whose node
+or worker is lost is restarted (`trial_retries` times: Ray Train restarts the worker from its last
+checkpoint, Tune restarts a trial whose own actor died; both continue the same MLflow run), while a
+trial that failed for its own reason (NaN loss) stays failed. Optuna's TPE
 (seeded) proposes configs unless the space has grid entries; ASHA optionally stops poor trials.
 The experiment lives in <storage>/<sweep_id>; `resume=True` restores it (Tuner.restore) and
 continues the same parent run. At the end: trials table, best config YAML, plots, all in MLflow.
@@ -50,6 +53,7 @@ class SweepOptions:
     reduction_factor: int = 2
     name: str | None = None
     storage_path: str | None = None
+    trial_retries: int = 2  # restarts after a lost node or crashed worker; a NaN or config failure stays final
 
     def check(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -66,6 +70,8 @@ class SweepOptions:
                 raise MlpscaleError(f"--{key.replace('_', '-')} must be at least 1; got {getattr(self, key)}")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise MlpscaleError(f"--max-concurrent must be at least 1; got {self.max_concurrent}")
+        if self.trial_retries < 0:
+            raise MlpscaleError(f"--trial-retries must be 0 or more; got {self.trial_retries}")
         if self.reduction_factor < 2:
             raise MlpscaleError(f"--reduction-factor must be at least 2; got {self.reduction_factor}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -139,7 +145,7 @@ def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = Fal
         base_config=base.to_dict(), field_types={k: v for k, v in pretrain_field_types().items()},
         train_storage=str(experiment_dir / "train"), lr_scaling=options.lr_scaling,
         base_batch_size=options.base_batch_size or base.batch_size, cpus_per_worker=cpus_per_worker,
-        use_gpu=bool(use_gpu))
+        use_gpu=bool(use_gpu), trial_retries=options.trial_retries)
     for value in _sample_extremes(space):
         trial_config(context, value)  # every sampled value must give a valid config
     results = _fit(context, space, options, experiment_dir, max_concurrent, resume)
@@ -177,7 +183,7 @@ def _sweep_params(options: SweepOptions, space: SearchSpace, max_concurrent: int
     return {"search_space_file": options.space, "searcher": searcher, "searcher_seed": options.seed,
             "scheduler": options.scheduler, "metric": options.metric, "mode": options.mode,
             "num_samples": options.num_samples, "max_concurrent": max_concurrent,
-            "lr_scaling": options.lr_scaling, "searched_fields": ",".join(space.fields),
+            "lr_scaling": options.lr_scaling, "trial_retries": options.trial_retries, "searched_fields": ",".join(space.fields),
             **({"asha_grace_period": options.grace_period, "asha_reduction_factor": options.reduction_factor}
                if options.scheduler == "asha" else {})}
 
@@ -270,7 +276,7 @@ def _fit(context: SweepContext, space: SearchSpace, options: SweepOptions, exper
                                         num_samples=options.num_samples,
                                         max_concurrent_trials=max_concurrent if space.has_grid else None),
             run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=options.trial_retries), verbose=1,
                                       callbacks=[_placement_group_cleanup(context)]),
         )
     results = tuner.fit()

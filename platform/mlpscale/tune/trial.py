@@ -3,7 +3,9 @@
 The trial creates its own child run (so it works on any node) and reuses the pretraining driver's
 parts (data check, model stats, worker config, final model logging) around the shared worker loop.
 A trial restarted after the sweep's driver was killed continues its Ray Train run from the last
-checkpoint and its MLflow run, so finished epochs are not trained or logged twice.
+checkpoint and its MLflow run, so finished epochs are not trained or logged twice. The same holds
+for a trial restarted after its node was lost (Tune and Ray Train retries, `trial_retries`); a trial
+that ended FAILED (NaN loss, Ray Train gave up) fails again at once when Tune retries it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class SweepContext:
     base_batch_size: int = 0
     cpus_per_worker: int = 1
     use_gpu: bool = False
+    trial_retries: int = 2
 
 
 def scale_lr(lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
@@ -101,7 +104,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
                                      resources_per_worker={"CPU": context.cpus_per_worker,
                                                            **({"GPU": 1} if context.use_gpu else {})}),
         run_config=RunConfig(name=trial_id, storage_path=str(train_dir.parent),
-                             failure_config=FailureConfig(max_failures=0),
+                             failure_config=FailureConfig(max_failures=context.trial_retries),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              callbacks=[TuneReportCallback()]),
     )
@@ -174,7 +177,7 @@ def _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, tr
 
 
 def _worker_recording_placement_group(config: dict[str, Any]):
-    """The shared worker loop, after tagging the trial's run with this worker group's placement group."""
+    """The shared worker loop, after tagging the trial's run with this worker group's placement group and node."""
     import ray
 
     from mlpscale.train.loop import train_loop_per_worker
@@ -184,6 +187,7 @@ def _worker_recording_placement_group(config: dict[str, Any]):
     if group is not None and run_id and ray.train.get_context().get_world_rank() == 0:
         try:
             sweeps.record_placement_group(config["tracking_uri"], run_id, group.id.hex())
+            sweeps.record_node(config["tracking_uri"], run_id, ray.get_runtime_context().get_node_id())
         except Exception as error:  # noqa: BLE001 - bookkeeping must not fail the trial
             log.warning("could not record the placement group: %s", error)
     return train_loop_per_worker(config)
