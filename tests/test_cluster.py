@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -119,18 +118,6 @@ def start_ray_node(command: list[str], log: Path, env: dict) -> int:
     return starter.pid
 
 
-def kill_session(session: int) -> None:
-    for pid in services.session_processes([session]):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while services.session_processes([session]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not services.session_processes([session])
-
-
 def ray_nodes(address: str, env: dict) -> list[dict]:
     probe = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
              "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
@@ -215,7 +202,7 @@ def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
             else:
                 time.sleep(0.3)
         assert killed_run, f"no trial ran on the worker node mid-sweep:\n{driver_log.read_text()[-3000:]}"
-        kill_session(worker_session)  # the node dies: raylet, its workers and agents SIGKILLed at once
+        assert services.kill_sessions([worker_session], wait_s=10)  # the node dies: raylet, its workers and agents SIGKILLed at once
 
         assert driver.wait(timeout=300) == 0, driver_log.read_text()[-5000:]
         parent_id = sweeps.find_sweep_run(uri, EXPERIMENT, SWEEP)

@@ -75,17 +75,6 @@ def wait_for(condition, what: str, driver: subprocess.Popen, log: Path, timeout:
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
-def kill_session(session: int) -> None:
-    for pid in services.session_processes([session]):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 30
-    while services.session_processes([session]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 def epoch_history(client, run_id: str) -> dict[str, list[int]]:
     from mlpscale.tracking import EPOCH_METRICS
 
@@ -128,11 +117,11 @@ def test_worker_kill_then_driver_kill_then_resume_keep_one_gap_free_history(digi
         assert reached < EPOCHS, "the job finished before the driver could be killed; raise EPOCHS"
 
         # (b) kill the driver with its whole local Ray (session), then continue with resume=True
-        kill_session(driver.pid)
+        services.kill_sessions([driver.pid])
         driver.wait(timeout=30)
     finally:
         if driver.poll() is None or services.session_processes([driver.pid]):
-            kill_session(driver.pid)
+            services.kill_sessions([driver.pid])
             driver.wait(timeout=30)
 
     client = MlflowClient(tracking_uri=tracking_uri)

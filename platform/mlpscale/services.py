@@ -440,22 +440,30 @@ def session_processes(sessions: list[int]) -> set[int]:
     return members
 
 
+def _signal_sessions(sessions: list[int], sig: int, wait_s: float) -> bool:
+    """Send `sig` to every process of the sessions; True once none is left (waiting up to wait_s)."""
+    for pid in session_processes(sessions):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + wait_s
+    while session_processes(sessions) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not session_processes(sessions)
+
+
+def kill_sessions(sessions: list[int], *, wait_s: float = 30.0) -> bool:
+    """SIGKILL every process of the sessions at once (what a crash looks like); True once all are gone."""
+    sessions = [session for session in sessions if session > 1]
+    return _signal_sessions(sessions, signal.SIGKILL, wait_s) if sessions else True
+
+
 def stop_sessions(sessions: list[int], *, grace_s: float = 8.0) -> None:
     """SIGTERM every process of the sessions, then SIGKILL what is left after the grace period."""
     sessions = [session for session in sessions if session > 1]
-    if not sessions:
+    if not sessions or _signal_sessions(sessions, signal.SIGTERM, grace_s) or kill_sessions(sessions, wait_s=5.0):
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in session_processes(sessions):
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
-        while session_processes(sessions) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not session_processes(sessions):
-            return
     left = sorted(session_processes(sessions))
     if left:
         logger.warning("processes still alive after SIGKILL: %s", left)
