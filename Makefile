@@ -69,5 +69,5 @@ tune: setup
 
 # bench: the measured comparisons behind benchmarks/RESULTS.md (loader and training throughput on this machine).
 bench: setup
-	$(PY) benchmarks/loader_throughput.py --images 20000 --resolutions 32 64 --workers 2 --epochs 2
-	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/loader_throughput.py --images 20000 --resolutions 32 64 --workers 2 --epochs 5
+	$(PY) benchmarks/train_throughput.py --rounds 3

@@ -7,10 +7,11 @@ here). The baseline is a typical map-style Dataset: per-sample crop parameters a
 draws them, the crop resized with Pillow (what torchvision does; `--baseline cv2` uses OpenCV's
 INTER_AREA, FFCV's own resize kernel), default collation, `--workers` worker processes.
 
-One untimed warm-up epoch (numba compile, worker start) precedes `--epochs` timed epochs.
-Prints a markdown table; `--out FILE` also writes the figures as JSON.
+One untimed warm-up epoch each (numba compile, worker start), then `--epochs` rounds in which every
+loader runs one timed epoch in turn, so a drifting machine slows all of them alike; the figure is
+the median epoch. Prints a markdown table; `--out FILE` also writes the figures as JSON.
 
-    python benchmarks/loader_throughput.py --images 20000 --resolutions 32 64 --workers 2 --epochs 2 --batch-size 512
+    python benchmarks/loader_throughput.py --images 20000 --resolutions 32 64 --workers 2 --epochs 5 --batch-size 512
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -88,35 +90,26 @@ def baseline_batches(loader: DataLoader, mixup: MixUp, mean: torch.Tensor, std: 
         yield mixup(images, labels)
 
 
-def timed_epochs(make_iter, epochs: int) -> tuple[float, int, float]:
-    """(warm-up seconds, images in the timed epochs, timed seconds)."""
-    start = time.perf_counter()
-    for _ in make_iter():
-        pass
-    warmup = time.perf_counter() - start
+def one_epoch(batches) -> tuple[int, float]:
+    """(images, seconds) of one pass."""
     seen, start = 0, time.perf_counter()
-    for _ in range(epochs):
-        for batch in make_iter():
-            seen += batch[0].shape[0]
-    return warmup, seen, time.perf_counter() - start
+    for batch in batches:
+        seen += batch[0].shape[0]
+    return seen, time.perf_counter() - start
 
 
 def measure(resolution: int, args, workdir: Path) -> list[dict]:
+    """Warm every loader up, then time them in turn, one epoch each, `--epochs` rounds (drift hits all alike)."""
     rng = np.random.default_rng(resolution)
     images = rng.integers(0, 256, size=(args.images, resolution, resolution, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=args.images)
     beton = workdir / f"bench_{resolution}.beton"
     _write_beton(beton, images, labels)
-    rows = []
 
     ffcv = train_loader(beton, batch_size=args.batch_size, resolution=resolution, mean=MEAN, std=STD,
                         device="cpu", num_workers=args.workers, scale=SCALE, ratio=RATIO,
                         mixup_alpha=MIXUP_ALPHA, seed=0)
-    warmup, seen, seconds = timed_epochs(lambda: iter(ffcv), args.epochs)
-    rows.append(dict(resolution=resolution, loader="ffcv (mlpscale)", images=seen, seconds=seconds,
-                     images_per_s=seen / seconds, warmup_s=warmup))
-    del ffcv
-
+    loaders = {"ffcv (mlpscale)": lambda: iter(ffcv)}
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     for resize in args.baseline:
@@ -125,13 +118,18 @@ def measure(resolution: int, args, workdir: Path) -> list[dict]:
                             num_workers=args.workers, persistent_workers=args.workers > 0,
                             worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(0))
         mixup = MixUp(MIXUP_ALPHA, seed=0)
-        warmup, seen, seconds = timed_epochs(lambda: baseline_batches(loader, mixup, mean, std), args.epochs)
-        rows.append(dict(resolution=resolution, loader=f"torch DataLoader ({resize} resize)", images=seen,
-                         seconds=seconds, images_per_s=seen / seconds, warmup_s=warmup))
-        del loader
-    base = rows[0]["images_per_s"]
+        loaders[f"torch DataLoader ({resize} resize)"] = (
+            lambda loader=loader, mixup=mixup: baseline_batches(loader, mixup, mean, std))
+    warmup = {name: one_epoch(make())[1] for name, make in loaders.items()}
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(args.epochs):
+        for name, make in loaders.items():
+            seen, seconds = one_epoch(make())
+            rates[name].append(seen / seconds)
+    rows = [dict(resolution=resolution, loader=name, images_per_s=statistics.median(rates[name]),
+                 per_epoch=[round(r) for r in rates[name]], warmup_s=warmup[name]) for name in loaders]
     for row in rows:
-        row["ffcv_speedup"] = base / row["images_per_s"]
+        row["ffcv_speedup"] = rows[0]["images_per_s"] / row["images_per_s"]
     return rows
 
 
@@ -164,9 +162,11 @@ def machine() -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| resolution | loader | images/s | FFCV speed-up | warm-up s |", "|---|---|---|---|---|"]
+    lines = ["| resolution | loader | images/s (median epoch) | epochs min-max | FFCV speed-up | warm-up s |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['resolution']} | {row['loader']} | {row['images_per_s']:,.0f} | "
+                     f"{min(row['per_epoch']):,}-{max(row['per_epoch']):,} | "
                      f"{row['ffcv_speedup']:.1f}x | {row['warmup_s']:.1f} |")
     return "\n".join(lines)
 
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs (rounds) after one warm-up epoch")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--baseline", nargs="+", choices=["pil", "cv2"], default=["pil", "cv2"])
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")

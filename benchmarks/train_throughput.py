@@ -1,11 +1,17 @@
 """Training throughput: the whole Ray Train pretraining job against the same model stepping on in-memory tensors.
 
-The upper bound: model, LION optimizer and precision exactly as the job sets them up, stepping on
-one normalised float batch already in memory (no loader, no Ray). The job: `run_pretraining` on a
-synthetic .beton of random pixels (`--images` training images, random labels) with the same
-batch, crops, flips and MixUp off; its `throughput_img_s` metric (training images per second of
-the training phase, evaluation excluded) is read back from MLflow and the median over epochs 2..T
-is compared with the bound (epoch 1 includes numba compilation and worker start).
+Three measurements of the same model, LION optimizer, precision and batch, on a synthetic .beton
+of random pixels (`--images` training images, random labels), crops and flips on, MixUp off:
+
+- bound: the step on one normalised float batch already in memory (no loader, no Ray), measured
+  before and after the other two (a shared machine drifts), averaged;
+- loader loop: the job's own `train_epoch` fed by the job's FFCV train loader, in this process
+  (no Ray): what the loader costs the step;
+- job: `run_pretraining` as `jobs/pretrain.py` runs it (Ray Train worker, MLflow); its
+  `throughput_img_s` metric (training phase of each epoch, evaluation excluded) read back from MLflow.
+
+Loop and job report the median over epochs 2..T (epoch 1 includes numba compilation and worker
+start). `--rounds R` repeats the three R times and reports every round and the median ratios.
 
     python benchmarks/train_throughput.py --arch B_6-Wi_256 --resolution 32 --batch-size 512
     # GPU, against the paper's RTX A5000 (ImageNet-21k, ~12M images/epoch in ~250 s / ~450 s: ~48k / ~27k img/s)
@@ -36,8 +42,10 @@ from mlpscale.data.meta import write_meta
 from mlpscale.models import build_model
 from mlpscale.train.losses import mixup_cross_entropy
 from mlpscale.train.optim import build_optimizer
+from mlpscale.train.loop import train_epoch
 from mlpscale.train.precision import autocast, enable_fast_matmul, resolve_precision
 from mlpscale.train.pretrain import run_pretraining
+from mlpscale.train.schedule import build_scheduler
 
 DATASET = "synthetic"
 
@@ -58,14 +66,19 @@ def make_dataset(root: Path, *, images: int, test_images: int, resolution: int, 
     return directory
 
 
-def in_memory_bound(args, device: torch.device, steps: int) -> float:
-    """img/s of forward + loss + backward + optimizer step on one batch already on the device."""
+def _setup(args, device: torch.device):
+    """Model, optimizer and precision exactly as the job's one worker builds them."""
     enable_fast_matmul(device)
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count())  # as the job's one worker (all CPUs); importing ffcv set it to 1
     precision = resolve_precision(args.precision, device)
     model = build_model(args.arch, resolution=args.resolution, num_classes=args.classes).to(device)
-    optimizer = build_optimizer(model, "lion", lr=1e-5)
+    return model, build_optimizer(model, "lion", lr=1e-5), precision
+
+
+def in_memory_bound(args, device: torch.device, steps: int) -> float:
+    """img/s of forward + loss + backward + optimizer step on one batch already on the device."""
+    model, optimizer, precision = _setup(args, device)
     micro = args.batch_size // args.accumulation_steps
     images = torch.randn(micro, 3, args.resolution, args.resolution, device=device)
     labels = torch.randint(0, args.classes, (micro,), device=device)
@@ -88,6 +101,21 @@ def in_memory_bound(args, device: torch.device, steps: int) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * args.batch_size / (time.perf_counter() - start)
+
+
+def loader_loop_throughput(args, device: torch.device, root: Path) -> list[float]:
+    """img/s per epoch of the job's train_epoch on the job's FFCV train loader, in this process (no Ray)."""
+    from mlpscale.data.loaders import default_threads, train_loader
+
+    model, optimizer, precision = _setup(args, device)
+    scheduler = build_scheduler(optimizer, "none", total_steps=1, warmup_steps=0)
+    loader = train_loader(root / DATASET / f"res{args.resolution}" / "train.beton",
+                          batch_size=args.batch_size // args.accumulation_steps, resolution=args.resolution,
+                          mean=[127.5] * 3, std=[73.9] * 3, device=device, scale=(0.08, 1.0), flip=True,
+                          num_workers=args.loader_workers or default_threads(device, os.cpu_count()))
+    cfg = {"accumulation_steps": args.accumulation_steps, "label_smoothing": 0.0, "grad_clip": 0.0}
+    return [train_epoch(model, loader, optimizer, scheduler, cfg, device, precision)["throughput_img_s"]
+            for _ in range(args.epochs)]
 
 
 def job_throughput(args, root: Path) -> tuple[list[float], float]:
@@ -121,6 +149,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def one_round(args, device: torch.device, root: Path) -> dict:
+    bound_before = in_memory_bound(args, device, args.bound_steps)
+    job, wall = job_throughput(args, root)
+    loop = loader_loop_throughput(args, device, root)  # also gives Ray's processes time to exit before the bound
+    bound_after = in_memory_bound(args, device, args.bound_steps)
+    bound = (bound_before + bound_after) / 2
+    loop_img_s, job_img_s = _steady(loop), _steady(job)
+    return {"bound_img_s": round(bound), "bound_before_after_img_s": [round(bound_before), round(bound_after)],
+            "loop_img_s_per_epoch": [round(v) for v in loop], "loop_img_s": round(loop_img_s),
+            "loop_ratio": round(loop_img_s / bound, 3),
+            "job_img_s_per_epoch": [round(v) for v in job], "job_img_s": round(job_img_s),
+            "job_ratio": round(job_img_s / bound, 3), "job_wall_s": round(wall, 1)}
+
+
+def _steady(per_epoch: list[float]) -> float:
+    """The median over epochs 2..T (epoch 1 compiles the pipeline)."""
+    return statistics.median(per_epoch[1:] or per_epoch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="B_6-Wi_256")
@@ -130,10 +177,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--bound-steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat bound / loader loop / job / bound")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    parser.add_argument("--loader-workers", type=int, default=os.cpu_count())
+    parser.add_argument("--loader-workers", type=int, default=None, help="decoder threads (default: the job's own)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -144,27 +192,26 @@ def main() -> None:
         root = Path(tmp)
         make_dataset(root, images=args.images, test_images=args.test_images, resolution=args.resolution,
                      classes=args.classes)
-        # the bound before and after the job: on a shared machine the load drifts
-        bound_before = in_memory_bound(args, device, args.bound_steps)
-        per_epoch, wall = job_throughput(args, root)
-        bound_after = in_memory_bound(args, device, args.bound_steps)
-    bound = (bound_before + bound_after) / 2
-    steady = per_epoch[1:] or per_epoch
-    job = statistics.median(steady)
+        rounds = [one_round(args, device, root) for _ in range(args.rounds)]
     figures = {
         "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
         "precision": resolve_precision(args.precision, device), "device": torch.cuda.get_device_name(0)
         if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)",
-        "bound_img_s": round(bound), "bound_before_after_img_s": [round(bound_before), round(bound_after)],
-        "job_img_s_per_epoch": [round(v) for v in per_epoch],
-        "job_img_s": round(job), "ratio": round(job / bound, 3), "job_wall_s": round(wall, 1),
+        "rounds": rounds,
+        "loop_ratio_median": statistics.median(r["loop_ratio"] for r in rounds),
+        "job_ratio_median": statistics.median(r["job_ratio"] for r in rounds),
         "command": "python benchmarks/train_throughput.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
     }
-    print("| model | res | batch | precision | device | in-memory bound img/s | job img/s (median, epochs 2..T) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.arch} | {args.resolution} | {args.batch_size} | {figures['precision']} | {figures['device']} "
-          f"| {figures['bound_img_s']} | {figures['job_img_s']} | {figures['ratio']} |")
+    print("| round | model | res | batch | precision | bound img/s (before / after) | loader loop img/s | ratio "
+          "| Ray Train job img/s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for index, r in enumerate(rounds, 1):
+        before, after = r["bound_before_after_img_s"]
+        print(f"| {index} | {args.arch} | {args.resolution} | {args.batch_size} | {figures['precision']} "
+              f"| {r['bound_img_s']:,} ({before:,} / {after:,}) | {r['loop_img_s']:,} | {r['loop_ratio']:.2f} "
+              f"| {r['job_img_s']:,} | {r['job_ratio']:.2f} |")
+    print(f"median ratios: loader loop {figures['loop_ratio_median']:.2f}, job {figures['job_ratio_median']:.2f}")
     print(json.dumps(figures))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))

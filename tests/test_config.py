@@ -69,6 +69,7 @@ def test_every_field_has_a_cli_option_with_dashes_or_underscores():
     ({"batch_size": 100, "accumulation_steps": 3}, "divisible"),
     ({"flip": "maybe"}, "true or false"),
     ({"warmup_epochs": 50, "epochs": 10}, "warmup_epochs"),
+    ({"loader_workers": 0}, "loader_workers=0 must be positive (or none for the default)"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(MlpscaleError, match=message.replace("(", r"\(").replace(")", r"\)")):

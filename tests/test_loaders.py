@@ -248,3 +248,47 @@ def test_distributed_ranks_read_disjoint_shards(beton, tmp_path):
         a, b = (set(shard[kind]) for shard in shards)
         assert len(a) == len(b) == N // 2 and not a & b and a | b == set(range(N))
     assert shards[0]["len"] == shards[1]["len"] == N // 2 // 32
+
+
+def _decoded(beton, decoder, batch_size=N):
+    """One batch straight from an FFCV Loader around `decoder` (the accelerator path's uint8 output, on CPU)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    loader = Loader(str(beton), batch_size=batch_size, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    images, _ = next(iter(loader))
+    return images.clone()
+
+
+def test_accelerator_decoders_emit_the_uint8_pixels_the_cpu_decoders_normalise(beton):
+    """The uint8 channels-first output an accelerator receives, against the normalised CPU output."""
+    from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop
+
+    plain = _decoded(beton, CenterCrop((RES, RES), ratio=1.0))
+    assert plain.dtype == torch.uint8 and plain.shape == (N, 3, RES, RES)
+    expected = np.stack([_image(i).transpose(2, 0, 1) for i in range(N)])
+    np.testing.assert_array_equal(plain.numpy(), expected)
+
+    crop = dict(scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), seed=11, flip=True)
+    raw = _decoded(beton, SeededRandomResizedCrop((RES, RES), epoch=EpochCell(), **crop))
+    normalised = _decoded(beton, SeededRandomResizedCrop((RES, RES), epoch=EpochCell(), normalize=(MEAN, STD),
+                                                         **crop))
+    assert normalised.dtype == torch.float32
+    np.testing.assert_allclose(_raw(normalised), raw.numpy().astype(np.float32), atol=1e-3)
+    ramps = raw[:, 2, 0, :].numpy().astype(int)
+    assert (np.diff(ramps, axis=1) < 0).any(axis=1).sum() > N // 4, "some crops are flipped"
+
+
+def test_default_decoder_threads_leave_the_cpu_to_the_step():
+    from mlpscale.data.loaders import default_threads
+
+    assert default_threads("cpu", cpus=8) == 1
+    assert default_threads(torch.device("cuda"), cpus=6) == 6
+    assert default_threads("cuda") == max(1, torch.get_num_threads())
+
+
+def test_zero_decoder_threads_is_refused(beton):
+    with pytest.raises(MlpscaleError, match="num_workers=0"):
+        eval_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu", num_workers=0)

@@ -49,7 +49,7 @@ class PretrainConfig:
     flip: bool = False
     mixup_alpha: float = 0.0
     order: str = "random"
-    loader_workers: int = 2
+    loader_workers: int | None = None  # decoder threads; none: 1 on CPU (the step has the cores), the worker's CPUs on a GPU
     # optimisation
     epochs: int = 20
     batch_size: int = 128
@@ -119,7 +119,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("expansion", "epochs", "batch_size", "accumulation_steps", "num_workers", "checkpoint_every",
             "keep_checkpoints", "lr")
-NON_NEGATIVE = ("weight_decay", "momentum", "grad_clip", "warmup_epochs", "mixup_alpha", "loader_workers",
+NON_NEGATIVE = ("weight_decay", "momentum", "grad_clip", "warmup_epochs", "mixup_alpha",
                 "max_failures", "seed", "dropout", "label_smoothing")
 FIELD_NAMES = tuple(f.name for f in fields(PretrainConfig))
 _HINTS = typing.get_type_hints(PretrainConfig)
@@ -206,7 +206,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise MlpscaleError(f"{key}={getattr(cfg, key)!r} must be >= 0")
-    for key in ("resolution", "n_train"):
+    for key in ("resolution", "n_train", "loader_workers"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise MlpscaleError(f"{key}={getattr(cfg, key)!r} must be positive (or none for the default)")
     if not 0 <= cfg.label_smoothing < 1:

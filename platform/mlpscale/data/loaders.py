@@ -1,9 +1,11 @@
 """FFCV loaders for training, evaluation and test-time augmentation, each declared as a list of ops per field.
 
-uint8 crops travel to the device (non_blocking) and are normalised there with the dataset's
-mean and std (0-255 scale, from meta.json); MixUp runs on the device after normalisation.
-Iterating any loader yields `Batch(images, labels, labels_mixed, lam)`. Crops, flips, order and
-MixUp all follow `seed` and the epoch, so two loaders with the same seed give the same batches.
+On an accelerator, uint8 channels-first crops travel to the device (non_blocking) and are
+normalised there with the dataset's mean and std (0-255 scale, from meta.json). When the device
+is the CPU, the decoder threads write the normalised float32 crops directly (one pass, no copy to
+a "device" that is the same memory). MixUp runs on the device after normalisation. Iterating any
+loader yields `Batch(images, labels, labels_mixed, lam)`. Crops, flips, order and MixUp all follow
+`seed` and the epoch, so two loaders with the same seed give the same batches.
 """
 
 from __future__ import annotations
@@ -44,15 +46,13 @@ class MlpLoader:
     """
 
     def __init__(self, ffcv_loader, *, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 epoch_cell: EpochCell, mixup: MixUp | None = None, channels_last: bool = False) -> None:
+                 epoch_cell: EpochCell, mixup: MixUp | None = None) -> None:
         self.ffcv_loader = ffcv_loader
         self.device = torch.device(device)
-        self.mean = _channel_tensor(mean, self.device, "mean")
-        self.std = _channel_tensor(std, self.device, "std")
-        if bool((self.std <= 0).any()):
-            raise MlpscaleError(f"std={list(std)} has a non-positive channel; re-run prepare_data to rebuild meta.json")
+        self.mean = _channel_tensor(mean, self.device)
+        self.std = _channel_tensor(std, self.device)
+        self.normalized_by_decoder = _normalize_in_decoder(self.device)
         self.mixup = mixup
-        self.channels_last = channels_last
         self.epoch_cell = epoch_cell
         self.epoch = 0
 
@@ -79,6 +79,9 @@ class MlpLoader:
         """uint8 (B, C, H, W) on the device -> float32 `(x - mean) / std` (a new tensor)."""
         return images_uint8.float().sub_(self.mean).div_(self.std)
 
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.normalized_by_decoder else self.normalize(images)
+
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         self.epoch_cell.set(epoch)
@@ -92,7 +95,7 @@ class MlpLoader:
             for step, (images, labels) in enumerate(_batches(iterator)):
                 if step == 0:  # FFCV's threads set torch's thread count to theirs before the first batch
                     torch.set_num_threads(torch_threads)
-                images = self.normalize(images)
+                images = self._images(images)
                 labels = labels.to(torch.int64, copy=True)  # FFCV reuses its label buffers
                 if self.mixup is not None and self.mixup.enabled:
                     images, labels_mixed, lam = self.mixup(images, labels)
@@ -103,35 +106,32 @@ class MlpLoader:
             _stop(iterator)
 
 
-def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int = 2,
+def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int | None = None,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, mixup_alpha: float = 0.0,
-                 seed: int = 0, order: str = "random", distributed: bool = False, drop_last: bool = True,
-                 channels_last: bool = False) -> MlpLoader:
+                 seed: int = 0, order: str = "random", distributed: bool = False,
+                 drop_last: bool = True) -> MlpLoader:
     """Random resized crop and flip -> device -> normalise -> MixUp, in random or quasi-random order."""
     _check_scale_ratio(scale, ratio)
+    mixup = MixUp(mixup_alpha, seed=seed)
     epoch = EpochCell()
-    image_ops = [SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip)]
-    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
-                          image_ops=image_ops, order=order, seed=seed, distributed=distributed,
-                          drop_last=drop_last, channels_last=channels_last)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch,
-                     mixup=MixUp(mixup_alpha, seed=seed), channels_last=channels_last)
+    decoder = SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip,
+                                      normalize=_decoder_normalization(mean, std, device))
+    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
+                          order=order, seed=seed, distributed=distributed, drop_last=drop_last)
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch, mixup=mixup)
 
 
-def eval_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int = 2,
-                distributed: bool = False, channels_last: bool = False) -> MlpLoader:
+def eval_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int | None = None,
+                distributed: bool = False) -> MlpLoader:
     """Centre crop (the whole square image) resized to `resolution`, every example once, in file order."""
-    image_ops = [CenterCrop((resolution, resolution), ratio=1.0)]
-    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
-                          image_ops=image_ops, order="sequential", seed=0, distributed=distributed,
-                          drop_last=False, channels_last=channels_last)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=EpochCell(),
-                     channels_last=channels_last)
+    decoder = CenterCrop((resolution, resolution), ratio=1.0, normalize=_decoder_normalization(mean, std, device))
+    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
+                          order="sequential", seed=0, distributed=distributed, drop_last=False)
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=EpochCell())
 
 
 def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, scale, ratio, seed: int = 0,
-               flip: bool = True, num_workers: int = 2, distributed: bool = False,
-               channels_last: bool = False) -> MlpLoader:
+               flip: bool = True, num_workers: int | None = None, distributed: bool = False) -> MlpLoader:
     """Test-time augmentation: seeded random resized crops (and flips) in file order, no example dropped.
 
     Each pass over the loader draws new crops (pass k = epoch k), reproducibly for a given seed,
@@ -139,19 +139,18 @@ def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, sca
     """
     _check_scale_ratio(scale, ratio)
     epoch = EpochCell()
-    image_ops = [SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip)]
-    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers,
-                          image_ops=image_ops, order="sequential", seed=seed, distributed=distributed,
-                          drop_last=False, channels_last=channels_last)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch, channels_last=channels_last)
+    decoder = SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip,
+                                      normalize=_decoder_normalization(mean, std, device))
+    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
+                          order="sequential", seed=seed, distributed=distributed, drop_last=False)
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch)
 
 
-def _ffcv_loader(path, *, batch_size, device, num_workers, image_ops, order, seed, distributed, drop_last,
-                 channels_last):
-    """The FFCV Loader with the given image decoder/augmentations and the shared device tail."""
+def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed, distributed, drop_last):
+    """The FFCV Loader with the given channels-first image decoder, then (off the CPU) the copy to the device."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
     path = Path(path)
     if not path.is_file():
@@ -167,10 +166,11 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, image_ops, order, see
         raise MlpscaleError("distributed=True needs an initialised torch.distributed process group "
                             "(Ray Train sets one up with several workers); use distributed=False")
     device = torch.device(device)
-    pipelines = {
-        "image": [*image_ops, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last)],
-        "label": [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)],
-    }
+    num_workers = default_threads(device) if num_workers is None else int(num_workers)
+    if num_workers < 1:
+        raise MlpscaleError(f"num_workers={num_workers} must be at least 1 decoder thread (or None for the default)")
+    to_device = [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
+    pipelines = {"image": [decoder, ToTensor(), *to_device], "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]}
     ffcv_order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
                   "sequential": OrderOption.SEQUENTIAL}[order]
     # QUASI_RANDOM exists to read page by page from a process-private cache; the rest use the OS page cache.
@@ -230,11 +230,37 @@ def _stop(iterator) -> None:
     iterator.close()
 
 
-def _channel_tensor(values, device: torch.device, name: str) -> torch.Tensor:
+def default_threads(device, cpus: int | None = None) -> int:
+    """Decoder threads when none are asked for: 1 on the CPU, where the training step's threads own the cores
+    (more decoder threads make the step wait at its thread barriers; benchmarks/RESULTS.md), else `cpus`
+    (default: torch's thread count) to keep an accelerator fed."""
+    if torch.device(device).type == "cpu":
+        return 1
+    return max(1, int(cpus or torch.get_num_threads()))
+
+
+def _normalize_in_decoder(device) -> bool:
+    """On the CPU the decoder threads normalise; an accelerator gets uint8 and normalises itself."""
+    return torch.device(device).type == "cpu"
+
+
+def _decoder_normalization(mean, std, device) -> tuple[list[float], list[float]] | None:
+    """Checked (mean, std) for a decoder that normalises, None for one that emits uint8."""
+    mean, std = _channel_values(mean, "mean"), _channel_values(std, "std")
+    if min(std) <= 0:
+        raise MlpscaleError(f"std={std} has a non-positive channel; re-run prepare_data to rebuild meta.json")
+    return (mean, std) if _normalize_in_decoder(device) else None
+
+
+def _channel_values(values, name: str) -> list[float]:
     values = [float(v) for v in values]
     if len(values) != 3:
         raise MlpscaleError(f"{name}={values} must have 3 channel values (RGB, 0-255 scale), as in meta.json")
-    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return values
+
+
+def _channel_tensor(values, device: torch.device) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
 
 def _check_scale_ratio(scale, ratio) -> None:

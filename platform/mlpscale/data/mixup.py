@@ -39,5 +39,5 @@ class MixUp:
         lam = float(self._rng.beta(self.alpha, self.alpha))
         perm = torch.from_numpy(self._rng.permutation(images.shape[0]))
         perm = perm.to(images.device, non_blocking=True)
-        mixed = images.mul(lam).add_(images.index_select(0, perm), alpha=1.0 - lam)
+        mixed = images.index_select(0, perm).lerp_(images, lam)  # two passes: (1 - lam) * x[perm] + lam * x
         return mixed, labels.index_select(0, perm), lam

@@ -87,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from mlpscale.data.loaders import eval_loader, train_loader
+    from mlpscale.data.loaders import default_threads, eval_loader, train_loader
 
     cfg = config["cfg"]
     context = ray.train.get_context()
@@ -104,8 +104,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                         expansion=cfg["expansion"], activation=cfg["activation"],
                         normalization=cfg["normalization"], dropout=cfg["dropout"])
     micro_batch = cfg["batch_size"] // (cfg["accumulation_steps"] * world)
+    threads = cfg["loader_workers"] or default_threads(device, config.get("cpus_per_worker"))
     loader_args = dict(resolution=config["resolution"], mean=config["mean"], std=config["std"], device=device,
-                       num_workers=cfg["loader_workers"], distributed=world > 1)
+                       num_workers=threads, distributed=world > 1)
     train_data = train_loader(config["train_path"], batch_size=micro_batch, scale=tuple(cfg["crop_scale"]),
                               ratio=tuple(cfg["crop_ratio"]), flip=cfg["flip"], mixup_alpha=cfg["mixup_alpha"],
                               seed=cfg["seed"], order=cfg["order"], drop_last=True, **loader_args)
@@ -143,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             train_data.set_epoch(epoch)
         try:
             poison = epoch == config.get("inject_nonfinite_epoch")
-            train_metrics = _train_epoch(train_model, train_data, optimizer, scheduler, cfg, device, precision,
+            train_metrics = train_epoch(train_model, train_data, optimizer, scheduler, cfg, device, precision,
                                          poison=poison)
         except NonFiniteLoss as error:
             reason = f"non-finite training loss in epoch {epoch}: {error}; lower lr (now {cfg['lr']}) or set grad_clip"
@@ -164,7 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "metrics": metrics}
 
 
-def _train_epoch(model, loader, optimizer, scheduler, cfg, device, precision, poison=False) -> dict[str, float]:
+def train_epoch(model, loader, optimizer, scheduler, cfg, device, precision, poison=False) -> dict[str, float]:
+    """One pass over `loader`: loss, top-1 and the img/s of the pass (no host sync per step)."""
     model.train()
     start = time.perf_counter()
     accumulation = cfg["accumulation_steps"]

@@ -62,7 +62,7 @@ class TransferConfig:
     tta_flip: bool = False
     real_labels: str | None = None
     # execution
-    loader_workers: int = 2
+    loader_workers: int | None = None  # decoder threads; none: 1 on CPU, all of the process's on a GPU
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -120,10 +120,10 @@ def validate(cfg: TransferConfig) -> TransferConfig:
     for key in ("epochs", "batch_size", "lr_head"):
         if not getattr(cfg, key) > 0:
             raise MlpscaleError(f"{key}={getattr(cfg, key)!r} must be positive")
-    for key in ("lr_body", "momentum", "weight_decay", "mixup_alpha", "tta", "loader_workers", "seed"):
+    for key in ("lr_body", "momentum", "weight_decay", "mixup_alpha", "tta", "seed"):
         if getattr(cfg, key) < 0:
             raise MlpscaleError(f"{key}={getattr(cfg, key)!r} must be >= 0")
-    for key in ("n_train", "data_resolution"):
+    for key in ("n_train", "data_resolution", "loader_workers"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise MlpscaleError(f"{key}={getattr(cfg, key)!r} must be positive (or none for the default)")
     if not 0 <= cfg.label_smoothing < 1:
