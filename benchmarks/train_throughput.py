@@ -4,7 +4,7 @@ Three measurements of the same model, LION optimizer, precision and batch, on a 
 of random pixels (`--images` training images, random labels), crops and flips on, MixUp off:
 
 - bound: the step on one normalised float batch already in memory (no loader, no Ray), measured
-  before and after the other two (a shared machine drifts), averaged;
+  before and after the other two (a shared machine drifts); the higher of the two counts;
 - loader loop: the job's own `train_epoch` fed by the job's FFCV train loader, in this process
   (no Ray): what the loader costs the step;
 - job: `run_pretraining` as `jobs/pretrain.py` runs it (Ray Train worker, MLflow); its
@@ -154,7 +154,7 @@ def one_round(args, device: torch.device, root: Path) -> dict:
     job, wall = job_throughput(args, root)
     loop = loader_loop_throughput(args, device, root)  # also gives Ray's processes time to exit before the bound
     bound_after = in_memory_bound(args, device, args.bound_steps)
-    bound = (bound_before + bound_after) / 2
+    bound = max(bound_before, bound_after)  # a burst of load can only lower a measurement
     loop_img_s, job_img_s = _steady(loop), _steady(job)
     return {"bound_img_s": round(bound), "bound_before_after_img_s": [round(bound_before), round(bound_after)],
             "loop_img_s_per_epoch": [round(v) for v in loop], "loop_img_s": round(loop_img_s),
