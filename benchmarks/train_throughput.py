@@ -48,6 +48,7 @@ from mlpscale.train.pretrain import run_pretraining
 from mlpscale.train.schedule import build_scheduler
 
 DATASET = "synthetic"
+CROP_SCALE = (0.08, 1.0)
 
 
 def make_dataset(root: Path, *, images: int, test_images: int, resolution: int, classes: int, seed: int = 0) -> Path:
@@ -106,12 +107,15 @@ def in_memory_bound(args, device: torch.device, steps: int) -> float:
 def loader_loop_throughput(args, device: torch.device, root: Path) -> list[float]:
     """img/s per epoch of the job's train_epoch on the job's FFCV train loader, in this process (no Ray)."""
     from mlpscale.data.loaders import default_threads, train_loader
+    from mlpscale.data.meta import load_meta
 
     model, optimizer, precision = _setup(args, device)
     scheduler = build_scheduler(optimizer, "none", total_steps=1, warmup_steps=0)
-    loader = train_loader(root / DATASET / f"res{args.resolution}" / "train.beton",
-                          batch_size=args.batch_size // args.accumulation_steps, resolution=args.resolution,
-                          mean=[127.5] * 3, std=[73.9] * 3, device=device, scale=(0.08, 1.0), flip=True,
+    directory = root / DATASET / f"res{args.resolution}"
+    meta = load_meta(directory)
+    loader = train_loader(directory / "train.beton", batch_size=args.batch_size // args.accumulation_steps,
+                          resolution=args.resolution, mean=meta["mean"], std=meta["std"], device=device,
+                          scale=CROP_SCALE, flip=True,
                           num_workers=args.loader_workers or default_threads(device, os.cpu_count()))
     cfg = {"accumulation_steps": args.accumulation_steps, "label_smoothing": 0.0, "grad_clip": 0.0}
     return [train_epoch(model, loader, optimizer, scheduler, cfg, device, precision)["throughput_img_s"]
@@ -125,7 +129,7 @@ def job_throughput(args, root: Path) -> tuple[list[float], float]:
     cfg = load_config(overrides={
         "arch": args.arch, "dataset": DATASET, "data_dir": str(root), "resolution": args.resolution,
         "epochs": args.epochs, "batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps,
-        "lr": 1e-5, "schedule": "none", "crop_scale": [0.08, 1.0], "flip": True, "precision": args.precision,
+        "lr": 1e-5, "schedule": "none", "crop_scale": list(CROP_SCALE), "flip": True, "precision": args.precision,
         "loader_workers": args.loader_workers, "tracking_uri": uri, "storage_path": str(root / "ray"),
         "experiment": "train-throughput", "checkpoint_every": args.epochs, "use_gpu": args.device == "cuda"})
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)

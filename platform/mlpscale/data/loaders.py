@@ -170,8 +170,8 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed,
     num_workers = default_threads(device) if num_workers is None else int(num_workers)
     if num_workers < 1:
         raise MlpscaleError(f"num_workers={num_workers} must be at least 1 decoder thread (or None for the default)")
-    if device.type == "cpu":
-        keep_freed_memory()  # the decoder allocates each batch; keep those blocks instead of faulting them in again
+    if decoder.normalized:
+        keep_freed_memory()  # such a decoder allocates each batch; keep those blocks instead of faulting them in again
     to_device = [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
     pipelines = {"image": [decoder, ToTensor(), *to_device], "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]}
     ffcv_order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
