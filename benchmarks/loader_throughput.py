@@ -5,7 +5,9 @@ raw to a .beton for FFCV) and produce the same batches: random resized crop (sca
 3/4-4/3) to R x R, horizontal flip, float normalisation and MixUp (alpha 0.8) on the device (CPU
 here). The baseline is a typical map-style Dataset: per-sample crop parameters as torchvision
 draws them, the crop resized with Pillow (what torchvision does; `--baseline cv2` uses OpenCV's
-INTER_AREA, FFCV's own resize kernel), default collation, `--workers` worker processes.
+INTER_AREA, FFCV's own resize kernel), default collation, `--workers` worker processes. Its tail
+(normalise + MixUp) is either torch ops as a PyTorch user writes them (`--tail torch`) or the same
+fused uint8 pass mlpscale's CPU loader runs (`--tail fused`), which isolates what the loader itself buys.
 
 One untimed warm-up epoch each (numba compile, worker start), then `--epochs` rounds in which every
 loader runs one timed epoch in turn, so a drifting machine slows all of them alike; the figure is
@@ -83,11 +85,17 @@ def _seed_worker(worker_id: int) -> None:
     torch.utils.data.get_worker_info().dataset.rng = random.Random(worker_id + 1)
 
 
-def baseline_batches(loader: DataLoader, mixup: MixUp, mean: torch.Tensor, std: torch.Tensor):
-    """The same device-side tail as MlpLoader: float, normalise, MixUp."""
+def baseline_batches(loader: DataLoader, mixup: MixUp, tail: str):
+    """The tail after the DataLoader: `torch` as a PyTorch user writes it (float, normalise, index_select +
+    lerp_ MixUp), or `fused`: mlpscale's own one-pass uint8 normalise-and-mix, to isolate the loader's share."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    scale = (1.0 / std).flatten().numpy()
+    shift = -mean.flatten().numpy() * scale
     for images, labels in loader:
-        images = images.float().sub_(mean).div_(std)
-        yield mixup(images, labels)
+        if tail == "fused":
+            yield mixup.normalize_and_mix(images, labels, scale, shift)
+        else:
+            yield mixup(images.float().sub_(mean).div_(std), labels)
 
 
 def one_epoch(batches) -> tuple[int, float]:
@@ -110,16 +118,15 @@ def measure(resolution: int, args, workdir: Path) -> list[dict]:
                         device="cpu", num_workers=args.workers, scale=SCALE, ratio=RATIO,
                         mixup_alpha=MIXUP_ALPHA, seed=0)
     loaders = {"ffcv (mlpscale)": lambda: iter(ffcv)}
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
     for resize in args.baseline:
         dataset = CropFlipDataset(images, labels, resolution, resize)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                             num_workers=args.workers, persistent_workers=args.workers > 0,
                             worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(0))
-        mixup = MixUp(MIXUP_ALPHA, seed=0)
-        loaders[f"torch DataLoader ({resize} resize)"] = (
-            lambda loader=loader, mixup=mixup: baseline_batches(loader, mixup, mean, std))
+        for tail in args.tail:
+            mixup = MixUp(MIXUP_ALPHA, seed=0)
+            loaders[f"torch DataLoader ({resize} resize, {tail} tail)"] = (
+                lambda loader=loader, mixup=mixup, tail=tail: baseline_batches(loader, mixup, tail))
     warmup = {name: one_epoch(make())[1] for name, make in loaders.items()}
     rates: dict[str, list[float]] = {name: [] for name in loaders}
     for _ in range(args.epochs):
@@ -179,6 +186,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs (rounds) after one warm-up epoch")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--baseline", nargs="+", choices=["pil", "cv2"], default=["pil", "cv2"])
+    parser.add_argument("--tail", nargs="+", choices=["torch", "fused"], default=["torch", "fused"],
+                        help="the baseline's normalise + MixUp: torch ops, or mlpscale's fused CPU pass")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
 

@@ -1,11 +1,12 @@
 """FFCV loaders for training, evaluation and test-time augmentation, each declared as a list of ops per field.
 
 On an accelerator, uint8 channels-first crops travel to the device (non_blocking) and are
-normalised there with the dataset's mean and std (0-255 scale, from meta.json). When the device
-is the CPU, the decoder threads write the normalised float32 crops directly (one pass, no copy to
-a "device" that is the same memory). MixUp runs on the device after normalisation. Iterating any
-loader yields `Batch(images, labels, labels_mixed, lam)`. Crops, flips, order and MixUp all follow
-`seed` and the epoch, so two loaders with the same seed give the same batches.
+normalised there with the dataset's mean and std (0-255 scale, from meta.json), then mixed (MixUp).
+When the device is the CPU, the decoder threads write the normalised float32 crops directly (one
+pass, no copy to a "device" that is the same memory); with MixUp on, they write uint8 crops instead
+and one compiled pass normalises and mixes them. Iterating any loader yields
+`Batch(images, labels, labels_mixed, lam)`. Crops, flips, order and MixUp all follow `seed` and
+the epoch, so two loaders with the same seed give the same batches.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ class MlpLoader:
     """
 
     def __init__(self, ffcv_loader, *, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 epoch_cell: EpochCell, mixup: MixUp | None = None) -> None:
+                 epoch_cell: EpochCell, normalized_by_decoder: bool, mixup: MixUp | None = None) -> None:
         self.ffcv_loader = ffcv_loader
         self.device = torch.device(device)
         self.mean = _channel_tensor(mean, self.device)
         self.std = _channel_tensor(std, self.device)
-        self.normalized_by_decoder = _normalize_in_decoder(self.device)
-        self.mixup = mixup
+        self.normalized_by_decoder = normalized_by_decoder
+        self.mixup = mixup if mixup is not None and mixup.enabled else None
         self.epoch_cell = epoch_cell
         self.epoch = 0
 
@@ -83,6 +84,12 @@ class MlpLoader:
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.normalized_by_decoder else self.normalize(images)
 
+    def _mixed(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if images.device.type == "cpu" and not self.normalized_by_decoder:
+            scale = (1.0 / self.std).flatten().numpy()
+            return self.mixup.normalize_and_mix(images, labels, scale, (-self.mean.flatten().numpy()) * scale)
+        return self.mixup(self._images(images), labels)
+
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         self.epoch_cell.set(epoch)
@@ -96,13 +103,12 @@ class MlpLoader:
             for step, (images, labels) in enumerate(_batches(iterator)):
                 if step == 0:  # FFCV's threads set torch's thread count to theirs before the first batch
                     torch.set_num_threads(torch_threads)
-                images = self._images(images)
                 labels = labels.to(torch.int64, copy=True)  # FFCV reuses its label buffers
-                if self.mixup is not None and self.mixup.enabled:
-                    images, labels_mixed, lam = self.mixup(images, labels)
+                if self.mixup is not None:
+                    images, labels_mixed, lam = self._mixed(images, labels)
                     yield Batch(images, labels, labels_mixed, lam)
                 else:
-                    yield Batch(images, labels, None, 1.0)
+                    yield Batch(self._images(images), labels, None, 1.0)
         finally:
             _stop(iterator)
 
@@ -116,10 +122,11 @@ def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, n
     mixup = MixUp(mixup_alpha, seed=seed)
     epoch = EpochCell()
     decoder = SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip,
-                                      normalize=_decoder_normalization(mean, std, device))
+                                      normalize=_decoder_normalization(mean, std, device, mixup.enabled))
     loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
                           order=order, seed=seed, distributed=distributed, drop_last=drop_last)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch, mixup=mixup)
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch,
+                     normalized_by_decoder=decoder.normalized, mixup=mixup)
 
 
 def eval_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int | None = None,
@@ -128,7 +135,8 @@ def eval_loader(path, *, batch_size: int, resolution: int, mean, std, device, nu
     decoder = CenterCrop((resolution, resolution), ratio=1.0, normalize=_decoder_normalization(mean, std, device))
     loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
                           order="sequential", seed=0, distributed=distributed, drop_last=False)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=EpochCell())
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=EpochCell(),
+                     normalized_by_decoder=decoder.normalized)
 
 
 def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, scale, ratio, seed: int = 0,
@@ -144,7 +152,8 @@ def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, sca
                                       normalize=_decoder_normalization(mean, std, device))
     loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
                           order="sequential", seed=seed, distributed=distributed, drop_last=False)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch)
+    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch,
+                     normalized_by_decoder=decoder.normalized)
 
 
 def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed, distributed, drop_last):
@@ -170,8 +179,8 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed,
     num_workers = default_threads(device) if num_workers is None else int(num_workers)
     if num_workers < 1:
         raise MlpscaleError(f"num_workers={num_workers} must be at least 1 decoder thread (or None for the default)")
-    if decoder.normalized:
-        keep_freed_memory()  # such a decoder allocates each batch; keep those blocks instead of faulting them in again
+    if device.type == "cpu":
+        keep_freed_memory()  # each CPU batch is a new float tensor (decoder or MixUp pass); keep freed blocks for it
     to_device = [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
     pipelines = {"image": [decoder, ToTensor(), *to_device], "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]}
     ffcv_order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
@@ -242,17 +251,16 @@ def default_threads(device, cpus: int | None = None) -> int:
     return max(1, int(cpus or torch.get_num_threads()))
 
 
-def _normalize_in_decoder(device) -> bool:
-    """On the CPU the decoder threads normalise; an accelerator gets uint8 and normalises itself."""
-    return torch.device(device).type == "cpu"
+def _decoder_normalization(mean, std, device, mixup: bool = False) -> tuple[list[float], list[float]] | None:
+    """Checked (mean, std) for a decoder that normalises, None for one that emits uint8.
 
-
-def _decoder_normalization(mean, std, device) -> tuple[list[float], list[float]] | None:
-    """Checked (mean, std) for a decoder that normalises, None for one that emits uint8."""
+    The decoder threads normalise on the CPU, unless MixUp follows: then the fused uint8 pass of
+    `MixUp.normalize_and_mix` normalises while it mixes. An accelerator gets uint8 and normalises itself.
+    """
     mean, std = _channel_values(mean, "mean"), _channel_values(std, "std")
     if min(std) <= 0:
         raise MlpscaleError(f"std={std} has a non-positive channel; re-run prepare_data to rebuild meta.json")
-    return (mean, std) if _normalize_in_decoder(device) else None
+    return (mean, std) if torch.device(device).type == "cpu" and not mixup else None
 
 
 def _channel_values(values, name: str) -> list[float]:
