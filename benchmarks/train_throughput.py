@@ -4,11 +4,14 @@ Three measurements of the same model, LION optimizer, precision and batch, on a 
 of random pixels (`--images` training images, random labels), crops and flips on, MixUp off:
 
 - bound: the step on one normalised float batch already in memory (no loader, no Ray), measured
-  before and after the other two (a shared machine drifts); the higher of the two counts;
+  before and after the others (a shared machine drifts); the higher of the two counts;
 - loader loop: the job's own `train_epoch` fed by the job's FFCV train loader, in this process
   (no Ray): what the loader costs the step;
-- job: `run_pretraining` as `jobs/pretrain.py` runs it (Ray Train worker, MLflow); its
-  `throughput_img_s` metric (training phase of each epoch, evaluation excluded) read back from MLflow.
+- Ray Train bound: the bound's step, run inside a Ray Train worker on a Ray instance started as the
+  job starts it: what Ray Train's control plane (its actors and daemons) costs the step, no loader;
+- job: `run_pretraining` as `jobs/pretrain.py` runs it (Ray Train worker, MLflow, Ray started or
+  joined as the job does); its `throughput_img_s` metric (training phase of each epoch, evaluation
+  excluded) read back from MLflow.
 
 Loop and job report the median over epochs 2..T (epoch 1 includes numba compilation and worker
 start). `--rounds R` repeats the three R times and reports every round and the median ratios.
@@ -122,6 +125,45 @@ def loader_loop_throughput(args, device: torch.device, root: Path) -> list[float
             for _ in range(args.epochs)]
 
 
+def ray_train_bound(args) -> float:
+    """The in-memory bound inside a one-worker Ray Train job (no loader, no MLflow): `--epochs` windows of
+    `--bound-steps` steps, the median of windows 2..T."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mlpscale.services import ensure_ray
+
+    def measure(config):  # imports this file as a module: Ray cannot pickle its functions from __main__
+        import sys
+
+        import ray.train
+        import torch
+
+        from mlpscale.train.loop import drop_single_worker_process_group
+
+        sys.path.insert(0, config["directory"])
+        from train_throughput import in_memory_bound
+
+        drop_single_worker_process_group(ray.train.get_context().get_world_size())
+        args = config["args"]
+        device = torch.device("cuda" if args.device == "cuda" else "cpu")
+        return [in_memory_bound(args, device, args.bound_steps) for _ in range(args.epochs)]
+
+    ensure_ray()
+    try:
+        cpus, use_gpu = int(ray.cluster_resources().get("CPU", 1)), args.device == "cuda"
+        resources = {"CPU": min(cpus, 8), "GPU": 1} if use_gpu else {"CPU": cpus}  # as the job's one worker
+        trainer = TorchTrainer(measure, train_loop_config={"args": args, "directory": str(Path(__file__).parent)},
+                               scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                                            resources_per_worker=resources),
+                               run_config=RunConfig(name=f"ray-train-bound-{time.time_ns()}",
+                                                    storage_path=tempfile.mkdtemp(prefix="ray-bound-")))
+        return _steady(trainer.fit().return_value)  # like the job: Ray's own start-up load passes in window 1
+    finally:
+        ray.shutdown()
+
+
 def job_throughput(args, root: Path) -> tuple[list[float], float]:
     import ray
 
@@ -132,7 +174,6 @@ def job_throughput(args, root: Path) -> tuple[list[float], float]:
         "lr": 1e-5, "schedule": "none", "crop_scale": list(CROP_SCALE), "flip": True, "precision": args.precision,
         "loader_workers": args.loader_workers, "tracking_uri": uri, "storage_path": str(root / "ray"),
         "experiment": "train-throughput", "checkpoint_every": args.epochs, "use_gpu": args.device == "cuda"})
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         start = time.perf_counter()
         result = run_pretraining(cfg)
@@ -157,12 +198,15 @@ def one_round(args, device: torch.device, root: Path) -> dict:
     bound_before = in_memory_bound(args, device, args.bound_steps)
     job, wall = job_throughput(args, root)
     loop = loader_loop_throughput(args, device, root)  # also gives Ray's processes time to exit before the bound
+    ray_bound = ray_train_bound(args)
+    time.sleep(5)  # let Ray's processes exit
     bound_after = in_memory_bound(args, device, args.bound_steps)
     bound = max(bound_before, bound_after)  # a burst of load can only lower a measurement
     loop_img_s, job_img_s = _steady(loop), _steady(job)
     return {"bound_img_s": round(bound), "bound_before_after_img_s": [round(bound_before), round(bound_after)],
             "loop_img_s_per_epoch": [round(v) for v in loop], "loop_img_s": round(loop_img_s),
             "loop_ratio": round(loop_img_s / bound, 3),
+            "ray_train_bound_img_s": round(ray_bound), "ray_train_bound_ratio": round(ray_bound / bound, 3),
             "job_img_s_per_epoch": [round(v) for v in job], "job_img_s": round(job_img_s),
             "job_ratio": round(job_img_s / bound, 3), "job_wall_s": round(wall, 1)}
 
@@ -203,19 +247,22 @@ def main() -> None:
         if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)",
         "rounds": rounds,
         "loop_ratio_median": statistics.median(r["loop_ratio"] for r in rounds),
+        "ray_train_bound_ratio_median": statistics.median(r["ray_train_bound_ratio"] for r in rounds),
         "job_ratio_median": statistics.median(r["job_ratio"] for r in rounds),
         "command": "python benchmarks/train_throughput.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
     }
-    print("| round | model | res | batch | precision | bound img/s (before / after) | loader loop img/s | ratio "
-          "| Ray Train job img/s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| round | model | res | batch | precision | bound img/s (before / after) | loader loop img/s (ratio) "
+          "| Ray Train bound img/s (ratio) | Ray Train job img/s (ratio) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for index, r in enumerate(rounds, 1):
         before, after = r["bound_before_after_img_s"]
         print(f"| {index} | {args.arch} | {args.resolution} | {args.batch_size} | {figures['precision']} "
-              f"| {r['bound_img_s']:,} ({before:,} / {after:,}) | {r['loop_img_s']:,} | {r['loop_ratio']:.2f} "
-              f"| {r['job_img_s']:,} | {r['job_ratio']:.2f} |")
-    print(f"median ratios: loader loop {figures['loop_ratio_median']:.2f}, job {figures['job_ratio_median']:.2f}")
+              f"| {r['bound_img_s']:,} ({before:,} / {after:,}) | {r['loop_img_s']:,} ({r['loop_ratio']:.2f}) "
+              f"| {r['ray_train_bound_img_s']:,} ({r['ray_train_bound_ratio']:.2f}) "
+              f"| {r['job_img_s']:,} ({r['job_ratio']:.2f}) |")
+    print(f"median ratios: loader loop {figures['loop_ratio_median']:.2f}, "
+          f"Ray Train bound {figures['ray_train_bound_ratio_median']:.2f}, job {figures['job_ratio_median']:.2f}")
     print(json.dumps(figures))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))

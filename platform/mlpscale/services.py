@@ -253,6 +253,19 @@ def driver_ray_address(state_dir: str | os.PathLike | None = None) -> str | None
         "to run it on a local Ray, or start the local services with `make up`")
 
 
+def ensure_ray() -> None:
+    """Join the running cluster (RAY_ADDRESS, or the `make up` head), else start Ray locally; what every job does."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=driver_ray_address())
+    except ConnectionError as error:  # a stale record of a head that is gone
+        logger.warning("no reachable Ray cluster (%s); starting Ray locally", error)
+        ray.init(address="local")
+
+
 def ui_command(port: int, state_dir: str | os.PathLike | None = None) -> tuple[str, list[str] | None]:
     """The MLflow UI to open: the running server's URL (no command), else `mlflow ui` on the default store."""
     services = load_services(state_dir)

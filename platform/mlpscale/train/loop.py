@@ -40,6 +40,16 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def drop_single_worker_process_group(world_size: int) -> None:
+    """Ray Train opens a gloo process group even for one worker; with nothing to synchronise, close it.
+
+    Its TCP loop thread wakes about 100 times a second, and on a CPU machine every wakeup preempts
+    one of the training step's threads (benchmarks/RESULTS.md).
+    """
+    if world_size == 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _device() -> torch.device:
     import ray.train.torch
 
@@ -92,6 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = config["cfg"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    drop_single_worker_process_group(world)
     device = _device()
     if device.type == "cpu" and config.get("cpus_per_worker"):
         torch.set_num_threads(int(config["cpus_per_worker"]))

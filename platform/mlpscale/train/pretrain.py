@@ -19,6 +19,7 @@ from mlpscale import tracking
 from mlpscale.config import PretrainConfig, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import dataset_dir, repo_root, split_path
+from mlpscale.services import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -206,21 +207,6 @@ def _cpus_per_worker(cfg: PretrainConfig, use_gpu: bool) -> int:
     return min(share, 8) if use_gpu else share
 
 
-def _ensure_ray() -> None:
-    """Join the running cluster (RAY_ADDRESS, or the last `ray start` on this machine), else start Ray locally."""
-    import ray
-
-    from mlpscale.services import driver_ray_address
-
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address=driver_ray_address())
-    except ConnectionError as error:  # a stale record of a head that is gone
-        log.warning("no reachable Ray cluster (%s); starting Ray locally", error)
-        ray.init(address="local")
-
-
 def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, extra_tags: dict[str, str] | None = None,
                     extra_params: dict[str, Any] | None = None, run_config=None) -> PretrainResult:
     """Train `cfg` as a Ray Train job tracked in one MLflow run; MlpscaleError for user errors and failures."""
@@ -259,7 +245,7 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, extra_tags: di
         run_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}))
 
-    _ensure_ray()
+    ensure_ray()
     use_gpu = _use_gpu(cfg)
     cpus = _cpus_per_worker(cfg, use_gpu)
     from ray.train.torch import TorchTrainer

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from mlpscale import tracking
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
+from mlpscale.services import ensure_ray
 from mlpscale.tracking.models import SourceModel, resolve_source
 from mlpscale.transfer.config import TransferConfig, apply, resolve_mode_defaults, validate
 from mlpscale.transfer.data import DownstreamData, downstream_data
@@ -198,8 +199,7 @@ def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *,
                                    params={"mode": cfg.mode, "source": cfg.source, "dataset": cfg.dataset,
                                            "grid": {k: list(v) for k, v in grid.items()}})
     mlflow_client = tracking.client(uri)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     space = {"base": cfg.to_dict(), "parent_run_id": parent_id, "sweep_id": sweep_id,
              **{key: tune.grid_search(list(values)) for key, values in grid.items()}}

@@ -24,6 +24,7 @@ from mlpscale import tracking
 from mlpscale.config import PretrainConfig, save_yaml, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
+from mlpscale.services import ensure_ray
 from mlpscale.tracking import sweeps
 from mlpscale.tune import report
 from mlpscale.tune.space import SearchSpace, check_against_config, load_space, parse_space, pretrain_field_types
@@ -111,7 +112,7 @@ def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = Fal
     from mlpscale.train.pretrain import check_data
 
     check_data(base)  # the dataset must exist before any trial starts
-    _ensure_ray()
+    ensure_ray()
     import ray
 
     use_gpu = base.use_gpu if base.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
@@ -150,13 +151,6 @@ def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = Fal
         trial_config(context, value)  # every sampled value must give a valid config
     results = _fit(context, space, options, experiment_dir, max_concurrent, resume)
     return _finish(context, space, options, experiment_dir, results, base)
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
 
 
 def _concurrency(options: SweepOptions, use_gpu: bool) -> tuple[int, int]:
