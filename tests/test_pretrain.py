@@ -152,3 +152,23 @@ def test_cli_exit_code_without_traceback(tmp_path):
                            "--epochs", "-3"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "epochs=-3 must be positive" in done.stderr and "Traceback" not in done.stderr
+
+
+SINGLE_GROUP_SCRIPT = """
+import sys
+import torch.distributed as dist
+from mlpscale.train.loop import drop_single_worker_process_group
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+drop_single_worker_process_group(2)
+kept = dist.is_initialized()
+drop_single_worker_process_group(1)
+print(kept, dist.is_initialized())
+"""
+
+
+def test_a_single_worker_closes_the_process_group_ray_train_opens(tmp_path):
+    """A real gloo group of one: closed for world size 1 (its thread wakes 100x/s), kept otherwise."""
+    out = subprocess.run([sys.executable, "-c", SINGLE_GROUP_SCRIPT, str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
