@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mlpscale.data.augment import normalization_affine
 from mlpscale.data.loaders import train_loader
 from mlpscale.data.mixup import MixUp
 
@@ -89,8 +90,7 @@ def baseline_batches(loader: DataLoader, mixup: MixUp, tail: str):
     """The tail after the DataLoader: `torch` as a PyTorch user writes it (float, normalise, index_select +
     lerp_ MixUp), or `fused`: mlpscale's own one-pass uint8 normalise-and-mix, to isolate the loader's share."""
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    scale = (1.0 / std).flatten().numpy()
-    shift = -mean.flatten().numpy() * scale
+    scale, shift = normalization_affine(MEAN, STD)
     for images, labels in loader:
         if tail == "fused":
             yield mixup.normalize_and_mix(images, labels, scale, shift)

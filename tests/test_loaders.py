@@ -296,17 +296,18 @@ def test_zero_decoder_threads_is_refused(beton):
 
 def test_fused_cpu_mixup_matches_the_torch_mixup_of_normalised_images():
     """`normalize_and_mix` (uint8 in, one compiled pass) against `__call__` on the normalised batch, same draws."""
+    from mlpscale.data.augment import normalization_affine
     from mlpscale.data.mixup import MixUp
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (48, 3, 8, 8), dtype=torch.uint8, generator=generator)
     labels = torch.arange(48)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    scale = (1.0 / std).flatten().numpy()
+    scale, shift = normalization_affine(MEAN, STD)
     for epoch in range(3):
         fused, reference = MixUp(0.8, seed=4), MixUp(0.8, seed=4)
         fused.set_epoch(epoch), reference.set_epoch(epoch)
-        mixed, labels_mixed, lam = fused.normalize_and_mix(images, labels, scale, -mean.flatten().numpy() * scale)
+        mixed, labels_mixed, lam = fused.normalize_and_mix(images, labels, scale, shift)
         expected, expected_labels, expected_lam = reference((images.float() - mean) / std, labels)
         assert lam == expected_lam and mixed.dtype == torch.float32
         torch.testing.assert_close(labels_mixed, expected_labels, rtol=0, atol=0)

@@ -158,6 +158,12 @@ _write_chw_uint8 = _chw_writer(_as_uint8)
 _write_chw_normalized = _chw_writer(_as_normalized)  # (x - mean) / std as x * (1 / std) + (-mean / std)
 
 
+def normalization_affine(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """`(x - mean) / std` as `x * scale + shift`: per-channel float32 (scale, shift) = (1 / std, -mean / std)."""
+    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    return (1.0 / std).astype(np.float32), (-mean / std).astype(np.float32)
+
+
 class _ChannelsFirstDecoder:
     """Declares the channels-first output (uint8, or float32 when normalising) and a per-sample resize buffer.
 
@@ -167,9 +173,7 @@ class _ChannelsFirstDecoder:
     def _set_output(self, normalize: tuple[Sequence[float], Sequence[float]] | None) -> None:
         self.normalized = normalize is not None
         if self.normalized:
-            mean, std = (np.asarray(v, dtype=np.float64) for v in normalize)
-            self.scale_per_channel = (1.0 / std).astype(np.float32)
-            self.shift_per_channel = (-mean / std).astype(np.float32)
+            self.scale_per_channel, self.shift_per_channel = normalization_affine(*normalize)
         else:
             self.scale_per_channel = np.ones(3, np.float32)
             self.shift_per_channel = np.zeros(3, np.float32)

@@ -19,7 +19,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop
+from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop, normalization_affine
 from mlpscale.data.host_memory import keep_freed_memory
 from mlpscale.data.mixup import MixUp
 from mlpscale.errors import MlpscaleError
@@ -55,6 +55,7 @@ class MlpLoader:
         self.std = _channel_tensor(std, self.device)
         self.normalized_by_decoder = normalized_by_decoder
         self.mixup = mixup if mixup is not None and mixup.enabled else None
+        self.affine = normalization_affine(mean, std)  # the CPU MixUp pass normalises with it
         self.epoch_cell = epoch_cell
         self.epoch = 0
 
@@ -86,8 +87,7 @@ class MlpLoader:
 
     def _mixed(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         if images.device.type == "cpu" and not self.normalized_by_decoder:
-            scale = (1.0 / self.std).flatten().numpy()
-            return self.mixup.normalize_and_mix(images, labels, scale, (-self.mean.flatten().numpy()) * scale)
+            return self.mixup.normalize_and_mix(images, labels, *self.affine)
         return self.mixup(self._images(images), labels)
 
     def __iter__(self) -> Iterator[Batch]:
