@@ -41,6 +41,7 @@ import torch
 from mlpscale import tracking
 from mlpscale.config import load_config
 from mlpscale.data.beton import write_beton
+from mlpscale.data.host_memory import keep_freed_memory
 from mlpscale.data.meta import write_meta
 from mlpscale.models import build_model
 from mlpscale.train.losses import mixup_cross_entropy
@@ -75,6 +76,7 @@ def _setup(args, device: torch.device):
     enable_fast_matmul(device)
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count())  # as the job's one worker (all CPUs); importing ffcv set it to 1
+        keep_freed_memory()  # as the job's CPU loader does: without it every step page-faults its activations
     precision = resolve_precision(args.precision, device)
     model = build_model(args.arch, resolution=args.resolution, num_classes=args.classes).to(device)
     return model, build_optimizer(model, "lion", lr=1e-5), precision

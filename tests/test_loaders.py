@@ -114,6 +114,25 @@ def test_train_epochs_replay_exactly_and_differ_from_each_other(train):
     assert train.epoch == 2
 
 
+def test_cpu_batches_are_made_in_the_consuming_thread_and_equal_prefetched_ones(beton, train):
+    import threading
+
+    assert train.prefetch is False, "on the CPU batches are made on demand"
+    threads = threading.active_count()
+    partial = iter(train)
+    next(partial)
+    assert threading.active_count() == threads, "no prefetch thread"
+    partial.close()  # an abandoned epoch releases its memory; the next one starts afresh
+    prefetched = train_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu",
+                              num_workers=1, seed=3)
+    prefetched.prefetch = True
+    inline_batches, prefetched_batches = _epoch(train, 0), _epoch(prefetched, 0)
+    assert len(inline_batches) == len(prefetched_batches) == N // BATCH
+    for a, b in zip(inline_batches, prefetched_batches):
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+        torch.testing.assert_close(a.labels, b.labels, rtol=0, atol=0)
+
+
 def test_mixup_mixes_the_same_crops_as_an_unmixed_loader_with_the_same_seed(beton, train):
     """Two threads here, one in `train`: crops and flips do not depend on the thread count."""
     mixed_loader = train_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu",

@@ -7,10 +7,16 @@ pass, no copy to a "device" that is the same memory); with MixUp on, they write 
 and one compiled pass normalises and mixes them. Iterating any loader yields
 `Batch(images, labels, labels_mixed, lam)`. Crops, flips, order and MixUp all follow `seed` and
 the epoch, so two loaders with the same seed give the same batches.
+
+FFCV prepares batches ahead in a thread of its own, which keeps an accelerator fed. When the
+device is the CPU the batches are made in the consuming thread instead, between training steps:
+there the step's threads own every core, and a decoder thread running beside them makes the whole
+step wait at its thread barriers each time it preempts one (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -44,13 +50,16 @@ class MlpLoader:
     Each full pass advances the epoch by one (new order, crops, flips and MixUp draws);
     `set_epoch(e)` jumps to 0-based epoch `e`, e.g. when a run resumes from a checkpoint.
     `num_examples` is the number of examples in the .beton file; `examples_per_epoch` the
-    number this loader (this rank, in distributed mode) yields in one pass.
+    number this loader (this rank, in distributed mode) yields in one pass. `prefetch`: batches
+    made ahead in FFCV's thread (default: off the CPU) or on demand in the consuming thread.
     """
 
     def __init__(self, ffcv_loader, *, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 epoch_cell: EpochCell, normalized_by_decoder: bool, mixup: MixUp | None = None) -> None:
+                 epoch_cell: EpochCell, normalized_by_decoder: bool, mixup: MixUp | None = None,
+                 prefetch: bool | None = None) -> None:
         self.ffcv_loader = ffcv_loader
         self.device = torch.device(device)
+        self.prefetch = self.device.type != "cpu" if prefetch is None else bool(prefetch)
         self.mean = _channel_tensor(mean, self.device)
         self.std = _channel_tensor(std, self.device)
         self.normalized_by_decoder = normalized_by_decoder
@@ -97,11 +106,11 @@ class MlpLoader:
         if self.mixup is not None:
             self.mixup.set_epoch(epoch)
         torch_threads = torch.get_num_threads()
-        iterator = iter(self.ffcv_loader)
+        iterator = iter(self.ffcv_loader) if self.prefetch else _inline_epoch(self.ffcv_loader)
         self.epoch = epoch + 1
         try:
-            for step, (images, labels) in enumerate(_batches(iterator)):
-                if step == 0:  # FFCV's threads set torch's thread count to theirs before the first batch
+            for step, (images, labels) in enumerate(_batches(iterator) if self.prefetch else iterator.batches()):
+                if step == 0:  # FFCV sets torch's thread count to its decoder threads' before the first batch
                     torch.set_num_threads(torch_threads)
                 labels = labels.to(torch.int64, copy=True)  # FFCV reuses its label buffers
                 if self.mixup is not None:
@@ -110,7 +119,7 @@ class MlpLoader:
                 else:
                     yield Batch(self._images(images), labels, None, 1.0)
         finally:
-            _stop(iterator)
+            _stop(iterator) if self.prefetch else iterator.close()
 
 
 def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int | None = None,
@@ -217,6 +226,37 @@ def _batches(iterator) -> Iterator[tuple]:
         if _ffcv_uses_cuda():
             iterator.current_stream.wait_stream(iterator.cuda_streams[slot])
         yield result
+
+
+def _inline_epoch(loader):
+    """One FFCV epoch without its prefetch thread; its `batches()` runs the pipeline as each batch is asked for.
+
+    Does what FFCV's `Loader.__iter__` does (ffcv 1.0.2), with that epoch instead of a threaded one.
+    """
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_num_threads(loader.num_workers)  # numba's threads for this thread's pipeline (and torch's)
+    order = loader.next_traversal_order()
+    loader.next_epoch += 1
+    if loader.code is None or loader.recompile:
+        loader.generate_code()
+    return _inline_epoch_type()(loader, order[:len(loader) * loader.batch_size])
+
+
+@functools.cache
+def _inline_epoch_type() -> type:
+    from ffcv.loader.epoch_iterator import EpochIterator  # importing ffcv sets torch's threads: not at import
+
+    class InlineEpoch(EpochIterator):
+        def start(self) -> None:  # EpochIterator.__init__ starts its thread here
+            pass
+
+        def batches(self) -> Iterator[tuple]:
+            slots = self.loader.batches_ahead + 2  # the memory slots FFCV allocated for an epoch
+            for index, indices in enumerate(self.iter_ixes):
+                yield self.run_pipeline(index, indices, index % slots, None)
+
+    return InlineEpoch
 
 
 def _ffcv_uses_cuda() -> bool:
