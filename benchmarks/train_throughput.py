@@ -1,10 +1,11 @@
 """Training throughput: the whole Ray Train pretraining job against the same model stepping on in-memory tensors.
 
-Three measurements of the same model, LION optimizer, precision and batch, on a synthetic .beton
+Four measurements of the same model, LION optimizer, precision and batch, on a synthetic .beton
 of random pixels (`--images` training images, random labels), crops and flips on, MixUp off:
 
 - bound: the step on one normalised float batch already in memory (no loader, no Ray), measured
-  before and after the others (a shared machine drifts); the higher of the two counts;
+  before, between and after the others; each of them is compared with the mean of the two bounds
+  measured right before and right after it (a shared machine drifts by +-10% within minutes);
 - loader loop: the job's own `train_epoch` fed by the job's FFCV train loader, in this process
   (no Ray): what the loader costs the step;
 - Ray Train bound: the bound's step, run inside a Ray Train worker on a Ray instance started as the
@@ -14,7 +15,7 @@ of random pixels (`--images` training images, random labels), crops and flips on
   excluded) read back from MLflow.
 
 Loop and job report the median over epochs 2..T (epoch 1 includes numba compilation and worker
-start). `--rounds R` repeats the three R times and reports every round and the median ratios.
+start). `--rounds R` repeats it all R times and reports every round and the median ratios.
 
     python benchmarks/train_throughput.py --arch B_6-Wi_256 --resolution 32 --batch-size 512
     # GPU, against the paper's RTX A5000 (ImageNet-21k, ~12M images/epoch in ~250 s / ~450 s: ~48k / ~27k img/s)
@@ -122,6 +123,8 @@ def loader_loop_throughput(args, device: torch.device, root: Path) -> list[float
                           resolution=args.resolution, mean=meta["mean"], std=meta["std"], device=device,
                           scale=CROP_SCALE, flip=True,
                           num_workers=args.loader_workers or default_threads(device, os.cpu_count()))
+    if args.prefetch:
+        loader.prefetch = True
     cfg = {"accumulation_steps": args.accumulation_steps, "label_smoothing": 0.0, "grad_clip": 0.0}
     return [train_epoch(model, loader, optimizer, scheduler, cfg, device, precision)["throughput_img_s"]
             for _ in range(args.epochs)]
@@ -197,20 +200,23 @@ def cpu_name() -> str:
 
 
 def one_round(args, device: torch.device, root: Path) -> dict:
-    bound_before = in_memory_bound(args, device, args.bound_steps)
+    """bound, job, bound, loader loop, bound, Ray Train bound, bound: each phase against the mean of the
+    two bounds around it (the machine drifts by +-10% within minutes)."""
+    bounds = [in_memory_bound(args, device, args.bound_steps)]
     job, wall = job_throughput(args, root)
-    loop = loader_loop_throughput(args, device, root)  # also gives Ray's processes time to exit before the bound
+    bounds.append(in_memory_bound(args, device, args.bound_steps))
+    loop = loader_loop_throughput(args, device, root)
+    bounds.append(in_memory_bound(args, device, args.bound_steps))
     ray_bound = ray_train_bound(args)
     time.sleep(5)  # let Ray's processes exit
-    bound_after = in_memory_bound(args, device, args.bound_steps)
-    bound = max(bound_before, bound_after)  # a burst of load can only lower a measurement
-    loop_img_s, job_img_s = _steady(loop), _steady(job)
-    return {"bound_img_s": round(bound), "bound_before_after_img_s": [round(bound_before), round(bound_after)],
-            "loop_img_s_per_epoch": [round(v) for v in loop], "loop_img_s": round(loop_img_s),
-            "loop_ratio": round(loop_img_s / bound, 3),
-            "ray_train_bound_img_s": round(ray_bound), "ray_train_bound_ratio": round(ray_bound / bound, 3),
-            "job_img_s_per_epoch": [round(v) for v in job], "job_img_s": round(job_img_s),
-            "job_ratio": round(job_img_s / bound, 3), "job_wall_s": round(wall, 1)}
+    bounds.append(in_memory_bound(args, device, args.bound_steps))
+    phases = {"job": _steady(job), "loop": _steady(loop), "ray_train_bound": ray_bound}
+    figures = {"bounds_img_s": [round(b) for b in bounds], "job_img_s_per_epoch": [round(v) for v in job],
+               "loop_img_s_per_epoch": [round(v) for v in loop], "job_wall_s": round(wall, 1)}
+    for index, (name, img_s) in enumerate(phases.items()):
+        figures[f"{name}_img_s"] = round(img_s)
+        figures[f"{name}_ratio"] = round(img_s / statistics.mean(bounds[index:index + 2]), 3)
+    return figures
 
 
 def _steady(per_epoch: list[float]) -> float:
@@ -229,9 +235,11 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--bound-steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat bound / loader loop / job / bound")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat bound / job / bound / loop / bound / ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--loader-workers", type=int, default=None, help="decoder threads (default: the job's own)")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="loader loop with FFCV's prefetch thread (the job's loader has it off the CPU only)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -252,19 +260,19 @@ def main() -> None:
         "ray_train_bound_ratio_median": statistics.median(r["ray_train_bound_ratio"] for r in rounds),
         "job_ratio_median": statistics.median(r["job_ratio"] for r in rounds),
         "command": "python benchmarks/train_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items() if v not in (None, False) and k != "out"),
     }
-    print("| round | model | res | batch | precision | bound img/s (before / after) | loader loop img/s (ratio) "
-          "| Ray Train bound img/s (ratio) | Ray Train job img/s (ratio) |")
+    print("| round | model | res | batch | precision | bounds img/s | job img/s (ratio) "
+          "| loader loop img/s (ratio) | Ray Train bound img/s (ratio) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for index, r in enumerate(rounds, 1):
-        before, after = r["bound_before_after_img_s"]
         print(f"| {index} | {args.arch} | {args.resolution} | {args.batch_size} | {figures['precision']} "
-              f"| {r['bound_img_s']:,} ({before:,} / {after:,}) | {r['loop_img_s']:,} ({r['loop_ratio']:.2f}) "
-              f"| {r['ray_train_bound_img_s']:,} ({r['ray_train_bound_ratio']:.2f}) "
-              f"| {r['job_img_s']:,} ({r['job_ratio']:.2f}) |")
-    print(f"median ratios: loader loop {figures['loop_ratio_median']:.2f}, "
-          f"Ray Train bound {figures['ray_train_bound_ratio_median']:.2f}, job {figures['job_ratio_median']:.2f}")
+              f"| {' / '.join(f'{b:,}' for b in r['bounds_img_s'])} | {r['job_img_s']:,} ({r['job_ratio']:.2f}) "
+              f"| {r['loop_img_s']:,} ({r['loop_ratio']:.2f}) "
+              f"| {r['ray_train_bound_img_s']:,} ({r['ray_train_bound_ratio']:.2f}) |")
+    print(f"median ratios: job {figures['job_ratio_median']:.2f}, loader loop {figures['loop_ratio_median']:.2f}, "
+          f"Ray Train bound {figures['ray_train_bound_ratio_median']:.2f}")
     print(json.dumps(figures))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))
