@@ -9,8 +9,8 @@ INTER_AREA, FFCV's own resize kernel), default collation, `--workers` worker pro
 (normalise + MixUp) is either torch ops as a PyTorch user writes them (`--tail torch`) or the same
 fused uint8 pass mlpscale's CPU loader runs (`--tail fused`), which isolates what the loader itself buys.
 The baseline's worker processes work ahead of the consumer; mlpscale's CPU loader makes each batch
-when asked (docs/loaders.md), or ahead in FFCV's prefetch thread with `--prefetch` (on 2 cores
-that was slower: the prefetch thread's decoders and the consumer's MixUp pass compete for them).
+when asked (docs/loaders.md), and is also measured making them ahead in FFCV's prefetch thread
+(its default off the CPU).
 
 One untimed warm-up epoch each (numba compile, worker start), then `--epochs` rounds in which every
 loader runs one timed epoch in turn, so a drifting machine slows all of them alike; the figure is
@@ -117,11 +117,11 @@ def measure(resolution: int, args, workdir: Path) -> list[dict]:
     beton = workdir / f"bench_{resolution}.beton"
     _write_beton(beton, images, labels)
 
-    ffcv = train_loader(beton, batch_size=args.batch_size, resolution=resolution, mean=MEAN, std=STD,
-                        device="cpu", num_workers=args.workers, scale=SCALE, ratio=RATIO,
-                        mixup_alpha=MIXUP_ALPHA, seed=0)
-    ffcv.prefetch = ffcv.prefetch or args.prefetch
-    loaders = {f"ffcv (mlpscale{', prefetch' if ffcv.prefetch else ''})": lambda: iter(ffcv)}
+    ffcv, ahead = (train_loader(beton, batch_size=args.batch_size, resolution=resolution, mean=MEAN, std=STD,
+                                device="cpu", num_workers=args.workers, scale=SCALE, ratio=RATIO,
+                                mixup_alpha=MIXUP_ALPHA, seed=0) for _ in range(2))
+    ahead.prefetch = True
+    loaders = {"ffcv (mlpscale)": lambda: iter(ffcv), "ffcv (mlpscale), prefetch thread": lambda: iter(ahead)}
     for resize in args.baseline:
         dataset = CropFlipDataset(images, labels, resolution, resize)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
@@ -192,8 +192,6 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", nargs="+", choices=["pil", "cv2"], default=["pil", "cv2"])
     parser.add_argument("--tail", nargs="+", choices=["torch", "fused"], default=["torch", "fused"],
                         help="the baseline's normalise + MixUp: torch ops, or mlpscale's fused CPU pass")
-    parser.add_argument("--prefetch", action="store_true",
-                        help="FFCV makes batches ahead in its own thread (its default off the CPU)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
 
