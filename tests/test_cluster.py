@@ -32,8 +32,8 @@ from mlpscale.tracking import sweeps
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-EPOCHS = 4
-TRIALS = 4
+EPOCHS = 6  # a wide window to catch a trial mid-run on the worker node
+TRIALS = 2
 TRIAL_ARGS = {"arch": "B_2-Wi_32", "epochs": EPOCHS, "warmup_epochs": 0.5, "n_train": 600, "loader_workers": 1,
               "checkpoint_every": 1}
 EXPERIMENT = "cluster"

@@ -332,3 +332,19 @@ def test_fused_cpu_mixup_matches_the_torch_mixup_of_normalised_images():
         torch.testing.assert_close(labels_mixed, expected_labels, rtol=0, atol=0)
         torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-5)
         assert not torch.equal(labels_mixed, labels)
+
+
+def test_ffcv_is_imported_without_a_numba_typed_dict_and_keeps_torchs_threads():
+    """In a fresh interpreter: mlpscale's FFCV import leaves IMAGE_MODES a plain dict with FFCV's values,
+    restores numba's typed Dict for everyone else, and torch's thread count as it was."""
+    script = textwrap.dedent("""
+        import torch
+        torch.set_num_threads(2)
+        import mlpscale.data.loaders, numba.typed, numba.typed.typeddict
+        from ffcv.fields.rgb_image import IMAGE_MODES
+        print(type(IMAGE_MODES).__name__, sorted(IMAGE_MODES.items()), numba.typed.Dict is numba.typed.typeddict.Dict,
+              torch.get_num_threads())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "dict [('jpg', 0), ('raw', 1)] True 2"

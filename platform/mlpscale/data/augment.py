@@ -27,12 +27,11 @@ from numba.extending import intrinsic
 
 import torch
 
-_torch_threads = torch.get_num_threads()
+import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
-torch.set_num_threads(_torch_threads)  # importing FFCV sets torch's thread count to 1
 
 _NEVER_FREED: list = []
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -16,6 +16,8 @@ from time import sleep
 
 import cv2
 import numpy as np
+
+import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.reader import Reader

@@ -16,7 +16,6 @@ the loader alone is 12-16% faster on 2 cores (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue
@@ -25,6 +24,8 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
+import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
+from ffcv.loader.epoch_iterator import EpochIterator
 from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop, normalization_affine
 from mlpscale.data.host_memory import keep_freed_memory
 from mlpscale.data.mixup import MixUp
@@ -228,7 +229,7 @@ def _batches(iterator) -> Iterator[tuple]:
         yield result
 
 
-def _inline_epoch(loader):
+def _inline_epoch(loader) -> "_InlineEpoch":
     """One FFCV epoch without its prefetch thread; its `batches()` runs the pipeline as each batch is asked for.
 
     Does what FFCV's `Loader.__iter__` does (ffcv 1.0.2), with that epoch instead of a threaded one.
@@ -240,23 +241,17 @@ def _inline_epoch(loader):
     loader.next_epoch += 1
     if loader.code is None or loader.recompile:
         loader.generate_code()
-    return _inline_epoch_type()(loader, order[:len(loader) * loader.batch_size])
+    return _InlineEpoch(loader, order[:len(loader) * loader.batch_size])
 
 
-@functools.cache
-def _inline_epoch_type() -> type:
-    from ffcv.loader.epoch_iterator import EpochIterator  # importing ffcv sets torch's threads: not at import
+class _InlineEpoch(EpochIterator):
+    def start(self) -> None:  # EpochIterator.__init__ starts its thread here
+        pass
 
-    class InlineEpoch(EpochIterator):
-        def start(self) -> None:  # EpochIterator.__init__ starts its thread here
-            pass
-
-        def batches(self) -> Iterator[tuple]:
-            slots = self.loader.batches_ahead + 2  # the memory slots FFCV allocated for an epoch
-            for index, indices in enumerate(self.iter_ixes):
-                yield self.run_pipeline(index, indices, index % slots, None)
-
-    return InlineEpoch
+    def batches(self) -> Iterator[tuple]:
+        slots = self.loader.batches_ahead + 2  # the memory slots FFCV allocated for an epoch
+        for index, indices in enumerate(self.iter_ixes):
+            yield self.run_pipeline(index, indices, index % slots, None)
 
 
 def _ffcv_uses_cuda() -> bool:
