@@ -141,8 +141,8 @@ def test_finetune_tracks_record_lineage_tta_and_real(pretrained, downstream, sto
     assert [a.path for a in mlflow_client.list_artifacts(result.run_id, "plots")] == ["plots/first_layer_weights.png"]
     model = tracking.load_model(result.model_uri, store)
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, len(CLASSES))
-    version = mlflow_client.get_latest_versions("tiny-ft")[0]
-    assert version.run_id == result.run_id
+    versions = mlflow_client.search_model_versions("name='tiny-ft'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", result.run_id)]
 
     # the fine-tuned run is itself a source: its lineage and architecture come back
     from mlpscale.tracking.models import resolve_source
