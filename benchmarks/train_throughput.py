@@ -76,7 +76,7 @@ def _setup(args, device: torch.device):
     """Model, optimizer and precision exactly as the job's one worker builds them."""
     enable_fast_matmul(device)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count())  # as the job's one worker (all CPUs); importing ffcv set it to 1
+        torch.set_num_threads(os.cpu_count())  # as the job's one worker: all CPUs
         keep_freed_memory()  # as the job's CPU loader does: without it every step page-faults its activations
     precision = resolve_precision(args.precision, device)
     model = build_model(args.arch, resolution=args.resolution, num_classes=args.classes).to(device)
