@@ -25,8 +25,6 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-import torch
-
 import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop

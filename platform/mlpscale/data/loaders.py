@@ -25,7 +25,11 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
-from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.fields.basics import IntDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
+from ffcv.pipeline.compiler import Compiler
+from ffcv.transforms import Squeeze, ToDevice, ToTensor
 from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop, normalization_affine
 from mlpscale.data.host_memory import keep_freed_memory
 from mlpscale.data.mixup import MixUp
@@ -107,10 +111,15 @@ class MlpLoader:
         if self.mixup is not None:
             self.mixup.set_epoch(epoch)
         torch_threads = torch.get_num_threads()
-        iterator = iter(self.ffcv_loader) if self.prefetch else _inline_epoch(self.ffcv_loader)
+        if self.prefetch:
+            iterator = iter(self.ffcv_loader)
+            batches, stop = _batches(iterator), lambda: _stop(iterator)
+        else:
+            iterator = _inline_epoch(self.ffcv_loader)
+            batches, stop = iterator.batches(), iterator.close
         self.epoch = epoch + 1
         try:
-            for step, (images, labels) in enumerate(_batches(iterator) if self.prefetch else iterator.batches()):
+            for step, (images, labels) in enumerate(batches):
                 if step == 0:  # FFCV sets torch's thread count to its decoder threads' before the first batch
                     torch.set_num_threads(torch_threads)
                 labels = labels.to(torch.int64, copy=True)  # FFCV reuses its label buffers
@@ -120,7 +129,7 @@ class MlpLoader:
                 else:
                     yield Batch(self._images(images), labels, None, 1.0)
         finally:
-            _stop(iterator) if self.prefetch else iterator.close()
+            stop()
 
 
 def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int | None = None,
@@ -168,10 +177,6 @@ def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, sca
 
 def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed, distributed, drop_last):
     """The FFCV Loader with the given channels-first image decoder, then (off the CPU) the copy to the device."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import Squeeze, ToDevice, ToTensor
-
     path = Path(path)
     if not path.is_file():
         raise MlpscaleError(f"dataset file {path} does not exist; create it with "
@@ -224,7 +229,7 @@ def _batches(iterator) -> Iterator[tuple]:
         if item is None:
             return
         slot, result = item
-        if _ffcv_uses_cuda():
+        if IS_CUDA:
             iterator.current_stream.wait_stream(iterator.cuda_streams[slot])
         yield result
 
@@ -234,8 +239,6 @@ def _inline_epoch(loader) -> "_InlineEpoch":
 
     Does what FFCV's `Loader.__iter__` does (ffcv 1.0.2), with that epoch instead of a threaded one.
     """
-    from ffcv.pipeline.compiler import Compiler
-
     Compiler.set_num_threads(loader.num_workers)  # numba's threads for this thread's pipeline (and torch's)
     order = loader.next_traversal_order()
     loader.next_epoch += 1
@@ -252,12 +255,6 @@ class _InlineEpoch(EpochIterator):
         slots = self.loader.batches_ahead + 2  # the memory slots FFCV allocated for an epoch
         for index, indices in enumerate(self.iter_ixes):
             yield self.run_pipeline(index, indices, index % slots, None)
-
-
-def _ffcv_uses_cuda() -> bool:
-    from ffcv.loader.epoch_iterator import IS_CUDA
-
-    return IS_CUDA
 
 
 def _stop(iterator) -> None:
