@@ -10,6 +10,8 @@ of random pixels (`--images` training images, random labels), crops and flips on
   (no Ray): what the loader costs the step;
 - Ray Train bound: the bound's step, run inside a Ray Train worker on a Ray instance started as the
   job starts it: what Ray Train's control plane (its actors and daemons) costs the step, no loader;
+  beside it, the cores the training worker process used and the cores everything else on the
+  machine used meanwhile (/proc/stat): on a CPU machine the second caps the first;
 - job: `run_pretraining` as `jobs/pretrain.py` runs it (Ray Train worker, MLflow, Ray started or
   joined as the job does); its `throughput_img_s` metric (training phase of each epoch, evaluation
   excluded) read back from MLflow.
@@ -83,6 +85,31 @@ def _setup(args, device: torch.device):
     return model, build_optimizer(model, "lion", lr=1e-5), precision
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all cores of this machine have been busy since boot (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    except (OSError, ValueError):
+        return 0.0
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cores(measure) -> tuple[float, float, float]:
+    """measure()'s value, the cores this process used meanwhile, and the cores all other processes used."""
+    wall, own, busy = time.perf_counter(), time.process_time(), machine_busy_s()
+    value = measure()
+    wall, own, busy = time.perf_counter() - wall, time.process_time() - own, machine_busy_s() - busy
+    return value, own / wall, max(busy - own, 0.0) / wall
+
+
+def wait_until_quiet(limit_s: float = 30.0, other_cores: float = 0.05) -> None:
+    """Wait (at most limit_s) until the rest of the machine uses under other_cores, e.g. a Ray shutting down."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and with_cores(lambda: time.sleep(1.0))[2] >= other_cores:
+        pass
+
+
 def in_memory_bound(args, device: torch.device, steps: int) -> float:
     """img/s of forward + loss + backward + optimizer step on one batch already on the device."""
     model, optimizer, precision = _setup(args, device)
@@ -130,9 +157,10 @@ def loader_loop_throughput(args, device: torch.device, root: Path) -> list[float
             for _ in range(args.epochs)]
 
 
-def ray_train_bound(args) -> float:
+def ray_train_bound(args) -> tuple[float, float, float]:
     """The in-memory bound inside a one-worker Ray Train job (no loader, no MLflow): `--epochs` windows of
-    `--bound-steps` steps, the median of windows 2..T."""
+    `--bound-steps` steps; img/s, the worker's cores and the other processes' cores, each the median of
+    windows 2..T."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -148,12 +176,12 @@ def ray_train_bound(args) -> float:
         from mlpscale.train.loop import drop_single_worker_process_group
 
         sys.path.insert(0, config["directory"])
-        from train_throughput import in_memory_bound
+        from train_throughput import in_memory_bound, with_cores
 
         drop_single_worker_process_group(ray.train.get_context().get_world_size())
         args = config["args"]
         device = torch.device("cuda" if args.device == "cuda" else "cpu")
-        return [in_memory_bound(args, device, args.bound_steps) for _ in range(args.epochs)]
+        return [with_cores(lambda: in_memory_bound(args, device, args.bound_steps)) for _ in range(args.epochs)]
 
     ensure_ray()
     try:
@@ -164,7 +192,8 @@ def ray_train_bound(args) -> float:
                                                             resources_per_worker=resources),
                                run_config=RunConfig(name=f"ray-train-bound-{time.time_ns()}",
                                                     storage_path=tempfile.mkdtemp(prefix="ray-bound-")))
-        return _steady(trainer.fit().return_value)  # like the job: Ray's own start-up load passes in window 1
+        windows = trainer.fit().return_value  # like the job: Ray's own start-up load passes in window 1
+        return tuple(_steady(list(column)) for column in zip(*windows))
     finally:
         ray.shutdown()
 
@@ -202,20 +231,25 @@ def cpu_name() -> str:
 def one_round(args, device: torch.device, root: Path) -> dict:
     """bound, job, bound, loader loop, bound, Ray Train bound, bound: each phase against the mean of the
     two bounds around it (the machine drifts by +-10% within minutes)."""
-    bounds = [in_memory_bound(args, device, args.bound_steps)]
+    bounds = [with_cores(lambda: in_memory_bound(args, device, args.bound_steps))]
     job, wall = job_throughput(args, root)
-    bounds.append(in_memory_bound(args, device, args.bound_steps))
+    wait_until_quiet()  # Ray's processes take seconds to exit after ray.shutdown()
+    bounds.append(with_cores(lambda: in_memory_bound(args, device, args.bound_steps)))
     loop = loader_loop_throughput(args, device, root)
-    bounds.append(in_memory_bound(args, device, args.bound_steps))
-    ray_bound = ray_train_bound(args)
-    time.sleep(5)  # let Ray's processes exit
-    bounds.append(in_memory_bound(args, device, args.bound_steps))
+    bounds.append(with_cores(lambda: in_memory_bound(args, device, args.bound_steps)))
+    ray_bound, worker_cores, other_cores = ray_train_bound(args)
+    wait_until_quiet()
+    bounds.append(with_cores(lambda: in_memory_bound(args, device, args.bound_steps)))
+    bound_img_s = [img_s for img_s, _, _ in bounds]
     phases = {"job": _steady(job), "loop": _steady(loop), "ray_train_bound": ray_bound}
-    figures = {"bounds_img_s": [round(b) for b in bounds], "job_img_s_per_epoch": [round(v) for v in job],
-               "loop_img_s_per_epoch": [round(v) for v in loop], "job_wall_s": round(wall, 1)}
+    figures = {"bounds_img_s": [round(b) for b in bound_img_s], "job_img_s_per_epoch": [round(v) for v in job],
+               "loop_img_s_per_epoch": [round(v) for v in loop], "job_wall_s": round(wall, 1),
+               "bound_cores": [round(own, 2) for _, own, _ in bounds],
+               "bound_other_cores": [round(other, 3) for _, _, other in bounds],
+               "ray_train_worker_cores": round(worker_cores, 2), "ray_train_other_cores": round(other_cores, 3)}
     for index, (name, img_s) in enumerate(phases.items()):
         figures[f"{name}_img_s"] = round(img_s)
-        figures[f"{name}_ratio"] = round(img_s / statistics.mean(bounds[index:index + 2]), 3)
+        figures[f"{name}_ratio"] = round(img_s / statistics.mean(bound_img_s[index:index + 2]), 3)
     return figures
 
 
@@ -259,20 +293,23 @@ def main() -> None:
         "loop_ratio_median": statistics.median(r["loop_ratio"] for r in rounds),
         "ray_train_bound_ratio_median": statistics.median(r["ray_train_bound_ratio"] for r in rounds),
         "job_ratio_median": statistics.median(r["job_ratio"] for r in rounds),
+        "ray_train_other_cores_median": statistics.median(r["ray_train_other_cores"] for r in rounds),
         "command": "python benchmarks/train_throughput.py " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in vars(args).items() if v not in (None, False) and k != "out"),
     }
     print("| round | model | res | batch | precision | bounds img/s | job img/s (ratio) "
-          "| loader loop img/s (ratio) | Ray Train bound img/s (ratio) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| loader loop img/s (ratio) | Ray Train bound img/s (ratio) | cores: Ray Train worker / all others |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for index, r in enumerate(rounds, 1):
         print(f"| {index} | {args.arch} | {args.resolution} | {args.batch_size} | {figures['precision']} "
               f"| {' / '.join(f'{b:,}' for b in r['bounds_img_s'])} | {r['job_img_s']:,} ({r['job_ratio']:.2f}) "
               f"| {r['loop_img_s']:,} ({r['loop_ratio']:.2f}) "
-              f"| {r['ray_train_bound_img_s']:,} ({r['ray_train_bound_ratio']:.2f}) |")
+              f"| {r['ray_train_bound_img_s']:,} ({r['ray_train_bound_ratio']:.2f}) "
+              f"| {r['ray_train_worker_cores']:.2f} / {r['ray_train_other_cores']:.2f} |")
     print(f"median ratios: job {figures['job_ratio_median']:.2f}, loader loop {figures['loop_ratio_median']:.2f}, "
-          f"Ray Train bound {figures['ray_train_bound_ratio_median']:.2f}")
+          f"Ray Train bound {figures['ray_train_bound_ratio_median']:.2f}; cores the rest of the machine used "
+          f"beside the Ray Train worker: {figures['ray_train_other_cores_median']:.2f} of {os.cpu_count()}")
     print(json.dumps(figures))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))
