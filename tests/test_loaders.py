@@ -133,6 +133,23 @@ def test_cpu_batches_are_made_in_the_consuming_thread_and_equal_prefetched_ones(
         torch.testing.assert_close(a.labels, b.labels, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_equal_the_cpu_ones_made_ahead_or_on_demand(beton, train):
+    """On a GPU FFCV copies each batch on its own stream: both ways must hand over finished batches."""
+    cpu_batches = _epoch(train, 0)
+    for prefetch in (True, False):
+        loader = train_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cuda",
+                              num_workers=1, seed=3)
+        loader.prefetch = prefetch
+        for _ in range(2):  # the second pass reuses the memory slots the first one filled
+            batches = _epoch(loader, 0)
+            assert len(batches) == len(cpu_batches)
+            for a, b in zip(batches, cpu_batches):
+                assert a.images.device.type == "cuda"
+                torch.testing.assert_close(a.images.cpu(), b.images, rtol=0, atol=1e-5)
+                torch.testing.assert_close(a.labels.cpu(), b.labels, rtol=0, atol=0)
+
+
 def test_mixup_mixes_the_same_crops_as_an_unmixed_loader_with_the_same_seed(beton, train):
     """Two threads here, one in `train`: crops and flips do not depend on the thread count."""
     mixed_loader = train_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu",

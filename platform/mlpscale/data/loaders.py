@@ -254,7 +254,13 @@ class _InlineEpoch(EpochIterator):
     def batches(self) -> Iterator[tuple]:
         slots = self.loader.batches_ahead + 2  # the memory slots FFCV allocated for an epoch
         for index, indices in enumerate(self.iter_ixes):
-            yield self.run_pipeline(index, indices, index % slots, None)
+            slot = index % slots
+            if IS_CUDA:  # work queued on the consumer's stream may still read this slot's last batch
+                self.cuda_streams[slot].wait_stream(self.current_stream)
+            result = self.run_pipeline(index, indices, slot, None)
+            if IS_CUDA:  # FFCV copies to the device on the slot's stream
+                self.current_stream.wait_stream(self.cuda_streams[slot])
+            yield result
 
 
 def _stop(iterator) -> None:
