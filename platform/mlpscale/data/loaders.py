@@ -255,11 +255,15 @@ class _InlineEpoch(EpochIterator):
         slots = self.loader.batches_ahead + 2  # the memory slots FFCV allocated for an epoch
         for index, indices in enumerate(self.iter_ixes):
             slot = index % slots
-            if IS_CUDA:  # work queued on the consumer's stream may still read this slot's last batch
-                self.cuda_streams[slot].wait_stream(self.current_stream)
+            stream = self.cuda_streams[slot]
+            if IS_CUDA:
+                # Before the decoder refills the slot: its last copy out of the slot's pinned memory has run
+                # (host wait), and the copy into its device buffer waits for the consumer's queued work.
+                stream.synchronize()
+                stream.wait_stream(self.current_stream)
             result = self.run_pipeline(index, indices, slot, None)
             if IS_CUDA:  # FFCV copies to the device on the slot's stream
-                self.current_stream.wait_stream(self.cuda_streams[slot])
+                self.current_stream.wait_stream(stream)
             yield result
 
 
