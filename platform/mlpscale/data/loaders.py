@@ -112,10 +112,10 @@ class MlpLoader:
             self.mixup.set_epoch(epoch)
         torch_threads = torch.get_num_threads()
         if self.prefetch:
-            iterator = iter(self.ffcv_loader)
+            iterator = _epoch(self.ffcv_loader, _PrefetchEpoch)
             batches, stop = _batches(iterator), lambda: _stop(iterator)
         else:
-            iterator = _inline_epoch(self.ffcv_loader)
+            iterator = _epoch(self.ffcv_loader, _InlineEpoch)
             batches, stop = iterator.batches(), iterator.close
         self.epoch = epoch + 1
         try:
@@ -234,36 +234,43 @@ def _batches(iterator) -> Iterator[tuple]:
         yield result
 
 
-def _inline_epoch(loader) -> "_InlineEpoch":
-    """One FFCV epoch without its prefetch thread; its `batches()` runs the pipeline as each batch is asked for.
-
-    Does what FFCV's `Loader.__iter__` does (ffcv 1.0.2), with that epoch instead of a threaded one.
-    """
-    Compiler.set_num_threads(loader.num_workers)  # numba's threads for this thread's pipeline (and torch's)
+def _epoch(loader, kind: type[EpochIterator]) -> EpochIterator:
+    """One FFCV epoch as FFCV's `Loader.__iter__` makes it (ffcv 1.0.2), as an EpochIterator of class `kind`."""
+    Compiler.set_num_threads(loader.num_workers)  # numba's threads for the pipeline (and torch's)
     order = loader.next_traversal_order()
     loader.next_epoch += 1
     if loader.code is None or loader.recompile:
         loader.generate_code()
-    return _InlineEpoch(loader, order[:len(loader) * loader.batch_size])
+    return kind(loader, order[:len(loader) * loader.batch_size])
 
 
-class _InlineEpoch(EpochIterator):
+class _PrefetchEpoch(EpochIterator):
+    """FFCV's epoch thread, except that on a GPU a slot's pinned host memory is refilled only after the
+    slot's last copy to the device has run: FFCV alone waits for it on the device, not on the host, and a
+    host running steps ahead of the GPU could overwrite a batch before it was copied."""
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if IS_CUDA:
+            self.cuda_streams[batch_slot].synchronize()
+        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+
+
+class _InlineEpoch(_PrefetchEpoch):
+    """The same epoch without a thread: `batches()` runs the pipeline as each batch is asked for."""
+
     def start(self) -> None:  # EpochIterator.__init__ starts its thread here
         pass
 
     def batches(self) -> Iterator[tuple]:
         slots = self.loader.batches_ahead + 2  # the memory slots FFCV allocated for an epoch
         for index, indices in enumerate(self.iter_ixes):
-            slot = index % slots
-            stream = self.cuda_streams[slot]
-            if IS_CUDA:
-                # Before the decoder refills the slot: its last copy out of the slot's pinned memory has run
-                # (host wait), and the copy into its device buffer waits for the consumer's queued work.
-                stream.synchronize()
-                stream.wait_stream(self.current_stream)
-            result = self.run_pipeline(index, indices, slot, None)
+            slot, consumed = index % slots, None
+            if IS_CUDA:  # the slot's device buffer is rewritten after the consumer's work queued so far
+                consumed = torch.cuda.Event()
+                consumed.record(self.current_stream)
+            result = self.run_pipeline(index, indices, slot, consumed)
             if IS_CUDA:  # FFCV copies to the device on the slot's stream
-                self.current_stream.wait_stream(stream)
+                self.current_stream.wait_stream(self.cuda_streams[slot])
             yield result
 
 
