@@ -117,6 +117,16 @@ def test_dry_run_prints_compute_and_memory(digits_dir, capsys):
     assert report["estimated_peak_memory_bytes"] > 0 and report["device_memory_bytes"] > 0
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans GPU workers from a machine without a GPU")
+def test_dry_run_for_gpu_workers_from_a_machine_without_one(digits_dir, capsys):
+    code = pretrain_job.main(["--dry-run", "--data-dir", str(digits_dir), "--arch", "B_2-Wi_32", "--use-gpu", "true"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"].startswith("cuda (no GPU on this machine")
+    assert report["precision"] == "bf16" and report["fits"] is None and report["device_memory_bytes"] is None
+    assert report["estimated_peak_memory_bytes"] > 0
+
 @pytest.fixture
 def mismatched_dir(digits_dir, tmp_path):
     """A copy of the 16 px digits filed under res32: its meta.json says 16."""

@@ -104,13 +104,18 @@ def dry_run(cfg: PretrainConfig) -> dict[str, Any]:
     stats = model_summary(cfg, data)
     use_gpu = _use_gpu(cfg)
     device = torch.device("cuda" if use_gpu else "cpu")
-    precision = resolve_precision(cfg.precision, device)
+    if use_gpu and not torch.cuda.is_available():  # GPU workers planned from elsewhere, e.g. a CPU-only head
+        precision = "bf16" if cfg.precision == "auto" else cfg.precision
+        device_name, device_memory = "cuda (no GPU on this machine: its memory is not checked)", None
+    else:
+        precision = resolve_precision(cfg.precision, device)
+        device_name = f"cuda ({torch.cuda.get_device_name(0)})" if use_gpu else "cpu"
+        device_memory = _device_memory(device)
     micro_batch = cfg.batch_size // (cfg.accumulation_steps * cfg.num_workers)
     memory = estimate_training_memory(cfg.arch, resolution=data.resolution,
                                       num_classes=int(data.meta["num_classes"]), batch_size=micro_batch,
                                       optimizer=cfg.optimizer, precision=precision, expansion=cfg.expansion,
                                       normalization=cfg.normalization)
-    device_memory = _device_memory(device)
     per_epoch = training_compute(stats["forward_flops"], data.n_train, 1)
     return {
         "params": tracking.run_record_params(cfg, stats, data.meta),
@@ -119,7 +124,7 @@ def dry_run(cfg: PretrainConfig) -> dict[str, Any]:
         "flops_note": "one multiply-accumulate counted as one FLOP (paper Eq. 4: C = 3 * forward_flops * N * T)",
         "compute_per_epoch": per_epoch,
         "compute_total": training_compute(stats["forward_flops"], data.n_train, cfg.epochs),
-        "device": str(device) + ("" if not use_gpu else f" ({torch.cuda.get_device_name(0)})"),
+        "device": device_name,
         "precision": precision,
         "micro_batch_per_worker": micro_batch,
         "estimated_peak_memory_bytes": memory["total"],
