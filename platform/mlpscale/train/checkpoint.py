@@ -13,9 +13,10 @@ STATE_FILE = "state.pt"
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states; on a GPU that of its current device (a restarted worker may see other GPUs)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -23,8 +24,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
 
 
 def save_state(directory: str | Path, *, model, optimizer, scheduler, epoch: int, run_id: str | None,

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from mlpscale import tracking
+from mlpscale.errors import MlpscaleError
 from mlpscale.models import build_model, estimate_training_memory, training_compute
 from mlpscale.train.checkpoint import load_state, save_state, set_rng_state
 from mlpscale.train.losses import mixup_cross_entropy, mixup_correct
@@ -111,9 +112,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     config = {**config, "precision": precision}
     torch.manual_seed(cfg["seed"] + rank)
 
+    # On the device before the optimizer exists: its state (moments) is loaded onto its parameters' device.
     model = build_model(cfg["arch"], resolution=config["resolution"], num_classes=config["num_classes"],
                         expansion=cfg["expansion"], activation=cfg["activation"],
-                        normalization=cfg["normalization"], dropout=cfg["dropout"])
+                        normalization=cfg["normalization"], dropout=cfg["dropout"]).to(device)
     micro_batch = cfg["batch_size"] // (cfg["accumulation_steps"] * world)
     threads = cfg["loader_workers"] or default_threads(device, config.get("cpus_per_worker"))
     loader_args = dict(resolution=config["resolution"], mean=config["mean"], std=config["std"], device=device,
@@ -136,11 +138,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         start_epoch = state["epoch"]
+        if rank == 0:  # the checkpoint holds rank 0's RNG states; the other ranks draw afresh, still per rank
+            set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(cfg["seed"] + rank + 1_000_003 * start_epoch)
         log.info("resuming from epoch %d", start_epoch)
 
-    model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    model = ray.train.torch.prepare_model(model) if world > 1 else model
     train_model = torch.compile(model) if cfg["compile"] else model
 
     run_id, mlflow_client, last_logged = config.get("run_id"), None, 0
@@ -160,9 +165,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         except NonFiniteLoss as error:
             reason = f"non-finite training loss in epoch {epoch}: {error}; lower lr (now {cfg['lr']}) or set grad_clip"
             return _stop(reason, "nonfinite", mlflow_client, run_id, rank)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as error:
             reason = (f"out of GPU memory with micro-batch {micro_batch} for {cfg['arch']}; "
                       + suggest_accumulation(config, device))
+            if world > 1:  # the other ranks wait for this one in a collective: Ray Train must stop the group
+                raise MlpscaleError(reason) from error
             return _stop(reason, "oom", mlflow_client, run_id, rank)
         val_metrics = _evaluate(model, val_data, device, precision, config["num_classes"])
         metrics = {**train_metrics, **val_metrics,
