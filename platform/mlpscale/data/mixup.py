@@ -48,7 +48,9 @@ class MixUp:
         if not self.enabled:
             return images, None, 1.0
         lam, perm = self.draw(images.shape[0])
-        perm = torch.from_numpy(perm).to(images.device, non_blocking=True)
+        perm = torch.from_numpy(perm)
+        if images.device.type == "cuda":  # from pageable memory the copy would wait for the GPU every step
+            perm = perm.pin_memory().to(images.device, non_blocking=True)
         mixed = images.index_select(0, perm).lerp_(images, lam)  # two passes: (1 - lam) * x[perm] + lam * x
         return mixed, labels.index_select(0, perm), lam
 

@@ -20,11 +20,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'bf16' or 'fp32': `auto` picks bf16 on CUDA (when supported) and on CPUs with native bf16."""
+    """'bf16' or 'fp32': `auto` picks bf16 where it is native: CUDA GPUs from Ampere on (not the emulated
+    bf16 of a V100 or T4) and CPUs with avx512_bf16 or AMX."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
