@@ -200,10 +200,13 @@ def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *,
                                            "grid": {k: list(v) for k, v in grid.items()}})
     mlflow_client = tracking.client(uri)
     ensure_ray()
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    # a GPU trial's decoder threads follow its CPUs (Ray sets its OMP_NUM_THREADS): up to 8 per GPU, as pretraining
+    trial_resources = {"cpu": max(1, min(8, int(resources.get("CPU", 1)) // gpus)), "gpu": 1} if gpus else {"cpu": 1}
     space = {"base": cfg.to_dict(), "parent_run_id": parent_id, "sweep_id": sweep_id,
              **{key: tune.grid_search(list(values)) for key, values in grid.items()}}
-    trainable = tune.with_resources(transfer_trainable, {"cpu": 1, "gpu": gpus})
+    trainable = tune.with_resources(transfer_trainable, trial_resources)
     try:
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric=metric, mode="max"),

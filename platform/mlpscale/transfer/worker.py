@@ -35,11 +35,16 @@ EpochCallback = Callable[[int, dict], None]
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device named (auto: a GPU when one is visible); a named GPU becomes this thread's current device,
+    on which FFCV makes its CUDA streams and torch answers the bf16 question."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MlpscaleError(f"device={name!r} but no CUDA device is visible; use device=auto or cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def prepare_model(model: torch.nn.Module, num_classes: int, mode: str) -> torch.nn.Module:
