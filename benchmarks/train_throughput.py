@@ -96,10 +96,14 @@ def machine_busy_s() -> float:
 
 
 def with_cores(measure) -> tuple[float, float, float]:
-    """measure()'s value, the cores this process used meanwhile, and the cores all other processes used."""
+    """measure()'s value, the cores this process used meanwhile, and the cores all other processes used.
+
+    On a GPU the memory measure() reserved goes back to the device, for the Ray worker that uses it next."""
     wall, own, busy = time.perf_counter(), time.process_time(), machine_busy_s()
     value = measure()
     wall, own, busy = time.perf_counter() - wall, time.process_time() - own, machine_busy_s() - busy
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     return value, own / wall, max(busy - own, 0.0) / wall
 
 
@@ -235,7 +239,7 @@ def one_round(args, device: torch.device, root: Path) -> dict:
     job, wall = job_throughput(args, root)
     wait_until_quiet()  # Ray's processes take seconds to exit after ray.shutdown()
     bounds.append(with_cores(lambda: in_memory_bound(args, device, args.bound_steps)))
-    loop = loader_loop_throughput(args, device, root)
+    loop = with_cores(lambda: loader_loop_throughput(args, device, root))[0]
     bounds.append(with_cores(lambda: in_memory_bound(args, device, args.bound_steps)))
     ray_bound, worker_cores, other_cores = ray_train_bound(args)
     wait_until_quiet()
