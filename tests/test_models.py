@@ -145,7 +145,9 @@ def test_memory_estimate_parts():
     double = estimate_training_memory("B_2-Wi_32", batch_size=16, optimizer="lion", precision="fp32", **kwargs)
     assert double["activations"] == 2 * lion["activations"]
     bf16 = estimate_training_memory("B_2-Wi_32", batch_size=8, optimizer="lion", precision="bf16", **kwargs)
-    assert 2 * bf16["activations"] == lion["activations"]
+    assert lion["activations"] / 2 < bf16["activations"] < lion["activations"]
+    assert bf16["batch_and_logits"] == 8 * (4 * 3 * 16 * 16 + 2 * 10)  # the fp32 batch, bf16 logits
+    assert bf16["loader_slots"] == lion["loader_slots"] == 5 * 8 * 3 * 16 * 16  # uint8 FFCV slots on the GPU
     assert lion["autocast_weights"] == 0
     assert bf16["autocast_weights"] == 2 * model_stats("B_2-Wi_32", **kwargs)["forward_flops"]
     with pytest.raises(MlpscaleError, match="optimizer='rmsprop'"):
@@ -193,6 +195,31 @@ def _bytes_saved_for_backward(model, images, labels) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=0.1)
     return sum(saved.values())
+
+
+@pytest.mark.parametrize("arch", ["B_2-Wi_32", "S_3-Wi_48"])
+def test_bf16_activation_estimate_covers_what_autograd_saves_under_autocast(arch):
+    """CPU autocast keeps the norms' inputs in bf16 where CUDA's keeps them in fp32: the estimate (planned for
+    CUDA) may be above the CPU's measure by those 2 bytes per norm input value, never below it."""
+    options = dict(resolution=16, num_classes=200)  # enough classes for the fp32 log-probabilities to count
+    model = build_model(arch, **options)
+    # autocast's bf16 weight copies (saved as they are or transposed) are counted apart
+    weight_shapes = {shape for p in model.parameters() for shape in (tuple(p.shape), tuple(p.shape)[::-1])}
+    saved = {}
+
+    def pack(tensor):
+        if tuple(tensor.shape) not in weight_shapes:
+            saved[(tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    batch = 24  # unlike any weight's shape
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(torch.randn(batch, 3, 16, 16))
+        torch.nn.functional.cross_entropy(logits.float(), torch.randint(0, 200, (batch,)), label_smoothing=0.1)
+    measured = sum(saved.values())
+    estimate = estimate_training_memory(arch, batch_size=batch, precision="bf16", **options)["activations"]
+    assert measured <= estimate < measured * 1.1
 
 
 @pytest.mark.parametrize("arch", ["B_2-Wi_32", "S_3-Wi_48"])

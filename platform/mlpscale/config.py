@@ -103,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Paper appendix A.4 (ImageNet-21k pretraining for the scaling laws): batch 16384, LION lr 1e-5,
     # weight decay 1e-3, label smoothing 0.3, MixUp 0.8, flips and crops. The whole batch fits one
-    # 24 GB card (paper sec. 6; B_12-Wi_1024 is estimated at ~6 GiB); raise accumulation_steps for
+    # 24 GB card (paper sec. 6; B_12-Wi_1024 is estimated at ~9 GiB); raise accumulation_steps for
     # smaller cards.
     "in21k": {
         "dataset": "imagenet64", "arch": "B_12-Wi_1024", "optimizer": "lion", "lr": 1e-5,

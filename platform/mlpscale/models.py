@@ -29,6 +29,7 @@ ACTIVATIONS = ("gelu", "relu")
 NORMALIZATIONS = ("layer", "batch", "none")
 OPTIMIZER_STATE_BUFFERS = {"lion": 1, "sgd": 1, "adamw": 2, "adam": 2}
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "auto": 2}
+FFCV_DEVICE_SLOTS = 5  # an FFCV epoch's memory slots: batches_ahead (3, mlpscale's loaders keep the default) + 2
 
 _ARCH_PATTERN = re.compile(r"^(?P<kind>[BS])_(?P<depth>\d+)-Wi_(?P<width>\d+)$")
 
@@ -220,18 +221,22 @@ def training_compute(forward_flops: int, n_train: int, epochs: int | float) -> i
     return int(round(3 * int(forward_flops) * int(n_train) * float(epochs)))
 
 
-def _kept_activations_per_example(spec: ArchSpec, in_features: int, num_classes: int, expansion: int,
-                                  normalization: str, final_norm: bool) -> int:
-    """Values per example that autograd keeps for the backward pass: the inputs of Linears, norms and
-    activations, and the logits (dropout masks are not counted)."""
+def _kept_activation_bytes_per_example(spec: ArchSpec, in_features: int, num_classes: int, expansion: int,
+                                      normalization: str, final_norm: bool, value_bytes: int) -> int:
+    """Bytes per example that autograd keeps for the backward pass: the inputs of Linears, norms and
+    activations, and the loss's log-probabilities (dropout masks are not counted). Under bf16 autocast
+    (value_bytes 2) Linears and activations keep bf16 inputs, while CUDA runs norms in fp32 (their
+    inputs kept at 4 bytes) and the loss runs on fp32 logits."""
     width, hidden = spec.width, expansion * spec.width
+    norm_bytes = 4 if value_bytes == 2 else value_bytes
+    norm = width * norm_bytes if normalization != "none" else 0
     if spec.kind == "B":
         # norm input, Linear W_e input (norm output), activation input, Linear W_c input
-        per_block = (width if normalization != "none" else 0) + width + hidden + hidden
+        per_block = norm + (width + hidden + hidden) * value_bytes
     else:
-        per_block = (width if normalization != "none" else 0) + width + width
-    final = width if (final_norm and normalization != "none") else 0
-    return in_features + spec.depth * per_block + final + width + num_classes
+        per_block = norm + (width + width) * value_bytes
+    final = norm if final_norm else 0
+    return (in_features + width) * value_bytes + spec.depth * per_block + final + 4 * num_classes
 
 
 def estimate_training_memory(arch: str | ArchSpec, *, resolution: int, num_classes: int, batch_size: int,
@@ -242,8 +247,10 @@ def estimate_training_memory(arch: str | ArchSpec, *, resolution: int, num_class
 
     weights, gradients: fp32 (autocast keeps fp32 master weights); optimizer_state: lion/sgd one
     buffer per weight, adam/adamw two; autocast_weights: the bf16 copies autocast makes of every
-    Linear weight (0 in fp32); activations: the values autograd keeps for the backward per example
-    x batch size, 2 bytes each under bf16 autocast, 4 in fp32 ('auto' is planned as the GPU's bf16).
+    Linear weight (0 in fp32); activations: what autograd keeps for the backward per example
+    x batch size ('auto' is planned as the GPU's bf16); batch_and_logits: the normalised fp32 batch
+    (under bf16 not itself kept by autograd) and the logits the loop keeps for its accuracy;
+    loader_slots: the uint8 images FFCV keeps on a GPU (its batches_ahead 3 + 2 slots).
     CUDA context, allocator slack and kernel workspaces are not included.
     """
     spec = parse_arch(arch)
@@ -254,18 +261,22 @@ def estimate_training_memory(arch: str | ArchSpec, *, resolution: int, num_class
                         expansion=expansion, normalization=normalization, final_norm=final_norm)
     weights = 4 * stats["num_params"]
     value_bytes = PRECISION_BYTES[precision]
-    per_example = _kept_activations_per_example(
-        spec, in_channels * resolution * resolution, num_classes, expansion, normalization, final_norm)
+    in_features = in_channels * resolution * resolution
+    per_example = _kept_activation_bytes_per_example(spec, in_features, num_classes, expansion, normalization,
+                                                     final_norm, value_bytes)
     memory = dict(
         weights=weights,
         gradients=weights,
         optimizer_state=OPTIMIZER_STATE_BUFFERS[optimizer] * weights,
         # Linear weight elements == forward MACs per image, since each Linear runs once per image.
         autocast_weights=0 if value_bytes == 4 else value_bytes * stats["forward_flops"],
-        activations=value_bytes * per_example * batch_size,
+        activations=per_example * batch_size,
+        batch_and_logits=((4 * in_features if value_bytes == 2 else 0) + value_bytes * num_classes) * batch_size,
+        loader_slots=FFCV_DEVICE_SLOTS * in_features * batch_size,
     )
     memory["total"] = sum(memory.values())
     return memory
+
 
 def model_info(arch: str | ArchSpec, *, resolution: int, num_classes: int, in_channels: int = 3,
                expansion: int = 4, normalization: str = "layer", final_norm: bool = False,
