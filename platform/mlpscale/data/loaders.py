@@ -111,15 +111,10 @@ class MlpLoader:
         if self.mixup is not None:
             self.mixup.set_epoch(epoch)
         torch_threads = torch.get_num_threads()
-        if self.prefetch:
-            iterator = _epoch(self.ffcv_loader, _PrefetchEpoch)
-            batches, stop = _batches(iterator), lambda: _stop(iterator)
-        else:
-            iterator = _epoch(self.ffcv_loader, _InlineEpoch)
-            batches, stop = iterator.batches(), iterator.close
+        iterator = _epoch(self.ffcv_loader, _PrefetchEpoch if self.prefetch else _InlineEpoch)
         self.epoch = epoch + 1
         try:
-            for step, (images, labels) in enumerate(batches):
+            for step, (images, labels) in enumerate(iterator.batches()):
                 if step == 0:  # FFCV sets torch's thread count to its decoder threads' before the first batch
                     torch.set_num_threads(torch_threads)
                 labels = labels.to(torch.int64, copy=True)  # FFCV reuses its label buffers
@@ -129,7 +124,7 @@ class MlpLoader:
                 else:
                     yield Batch(self._images(images), labels, None, 1.0)
         finally:
-            stop()
+            iterator.stop()
 
 
 def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int | None = None,
@@ -216,24 +211,6 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed,
     return loader
 
 
-def _batches(iterator) -> Iterator[tuple]:
-    """FFCV's EpochIterator.__next__, but an error in the pipeline thread raises here instead of hanging."""
-    while True:
-        try:
-            item = iterator.output_queue.get(timeout=1.0)
-        except queue.Empty:
-            if not iterator.is_alive():
-                raise RuntimeError(f"the FFCV pipeline of {iterator.loader.fname} stopped without finishing the "
-                                   "epoch; its error is printed above") from None
-            continue
-        if item is None:
-            return
-        slot, result = item
-        if IS_CUDA:
-            iterator.current_stream.wait_stream(iterator.cuda_streams[slot])
-        yield result
-
-
 def _epoch(loader, kind: type[EpochIterator]) -> EpochIterator:
     """One FFCV epoch as FFCV's `Loader.__iter__` makes it (ffcv 1.0.2), as an EpochIterator of class `kind`."""
     Compiler.set_num_threads(loader.num_workers)  # numba's threads for the pipeline (and torch's)
@@ -245,14 +222,49 @@ def _epoch(loader, kind: type[EpochIterator]) -> EpochIterator:
 
 
 class _PrefetchEpoch(EpochIterator):
-    """FFCV's epoch thread, except that on a GPU a slot's pinned host memory is refilled only after the
-    slot's last copy to the device has run: FFCV alone waits for it on the device, not on the host, and a
-    host running steps ahead of the GPU could overwrite a batch before it was copied."""
+    """FFCV's epoch thread making batches ahead, except that on a GPU a slot's pinned host memory is refilled
+    only after the slot's last copy to the device has run: FFCV alone waits for it on the device, not on the
+    host, and a host running steps ahead of the GPU could overwrite a batch before it was copied."""
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
         if IS_CUDA:
             self.cuda_streams[batch_slot].synchronize()
         return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+
+    def batches(self) -> Iterator[tuple]:
+        """FFCV's `__next__`, but an error in the pipeline thread raises here instead of hanging."""
+        while True:
+            try:
+                item = self.output_queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self.is_alive():
+                    raise RuntimeError(f"the FFCV pipeline of {self.loader.fname} stopped without finishing the "
+                                       "epoch; its error is printed above") from None
+                continue
+            if item is None:
+                return
+            yield self._handed_over(*item)
+
+    def _handed_over(self, slot: int, result: tuple) -> tuple:
+        if IS_CUDA:  # FFCV copies to the device on the slot's stream
+            self.current_stream.wait_stream(self.cuda_streams[slot])
+        return result
+
+    def stop(self) -> None:
+        """Stop the thread, then release its memory (an abandoned epoch's thread runs on otherwise).
+
+        The thread gives up on a full queue after 0.5 s once told to stop, but its end-of-epoch marker
+        waits for a free slot, so a slot is freed every second until it exits.
+        """
+        self.terminate_event.set()
+        self.join(timeout=1.0)
+        while self.is_alive():
+            try:
+                self.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.join(timeout=1.0)
+        self.close()
 
 
 class _InlineEpoch(_PrefetchEpoch):
@@ -268,27 +280,10 @@ class _InlineEpoch(_PrefetchEpoch):
             if IS_CUDA:  # the slot's device buffer is rewritten after the consumer's work queued so far
                 consumed = torch.cuda.Event()
                 consumed.record(self.current_stream)
-            result = self.run_pipeline(index, indices, slot, consumed)
-            if IS_CUDA:  # FFCV copies to the device on the slot's stream
-                self.current_stream.wait_stream(self.cuda_streams[slot])
-            yield result
+            yield self._handed_over(slot, self.run_pipeline(index, indices, slot, consumed))
 
-
-def _stop(iterator) -> None:
-    """Stop FFCV's prefetch thread, then release its memory (an abandoned epoch's thread runs on otherwise).
-
-    The thread gives up on a full queue after 0.5 s once told to stop, but its end-of-epoch marker
-    waits for a free slot, so a slot is freed every second until it exits.
-    """
-    iterator.terminate_event.set()
-    iterator.join(timeout=1.0)
-    while iterator.is_alive():
-        try:
-            iterator.output_queue.get_nowait()
-        except queue.Empty:
-            pass
-        iterator.join(timeout=1.0)
-    iterator.close()
+    def stop(self) -> None:
+        self.close()
 
 
 def default_threads(device, cpus: int | None = None) -> int:
