@@ -182,18 +182,25 @@ def test_model_info_job_reports_user_errors_without_traceback(capsys):
     assert "unknown architecture 'X_6-Wi_64'" in err and "--epochs" in err and "Traceback" not in err
 
 
-def _bytes_saved_for_backward(model, images, labels) -> int:
-    """What autograd really keeps: the non-parameter tensors saved during forward + loss, each counted once."""
+def _bytes_saved_for_backward(model, images, labels, bf16: bool = False) -> int:
+    """What autograd really keeps: the non-parameter tensors saved during forward + loss, each counted once.
+
+    With bf16 the forward runs under CPU autocast and the loss on fp32 logits, as the training loop does;
+    autocast's bf16 copies of the weights (saved as they are or transposed) are left out: the memory
+    estimate counts them apart."""
     parameters = {p.data_ptr() for p in model.parameters()}
+    weight_shapes = {shape for p in model.parameters() for shape in (tuple(p.shape), tuple(p.shape)[::-1])}
     saved = {}
 
     def pack(tensor):
-        if tensor.data_ptr() not in parameters:
+        if tensor.data_ptr() not in parameters and not (bf16 and tuple(tensor.shape) in weight_shapes):
             saved[(tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images)
+        torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=0.1)
     return sum(saved.values())
 
 
@@ -202,22 +209,9 @@ def test_bf16_activation_estimate_covers_what_autograd_saves_under_autocast(arch
     """CPU autocast keeps the norms' inputs in bf16 where CUDA's keeps them in fp32: the estimate (planned for
     CUDA) may be above the CPU's measure by those 2 bytes per norm input value, never below it."""
     options = dict(resolution=16, num_classes=200)  # enough classes for the fp32 log-probabilities to count
-    model = build_model(arch, **options)
-    # autocast's bf16 weight copies (saved as they are or transposed) are counted apart
-    weight_shapes = {shape for p in model.parameters() for shape in (tuple(p.shape), tuple(p.shape)[::-1])}
-    saved = {}
-
-    def pack(tensor):
-        if tuple(tensor.shape) not in weight_shapes:
-            saved[(tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
-        return tensor
-
     batch = 24  # unlike any weight's shape
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(torch.randn(batch, 3, 16, 16))
-        torch.nn.functional.cross_entropy(logits.float(), torch.randint(0, 200, (batch,)), label_smoothing=0.1)
-    measured = sum(saved.values())
+    measured = _bytes_saved_for_backward(build_model(arch, **options), torch.randn(batch, 3, 16, 16),
+                                         torch.randint(0, 200, (batch,)), bf16=True)
     estimate = estimate_training_memory(arch, batch_size=batch, precision="bf16", **options)["activations"]
     assert measured <= estimate < measured * 1.1
 
