@@ -163,3 +163,11 @@ def test_down_stops_every_process_and_is_idempotent(head):
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
+
+
+def test_gpu_workers_share_the_cpus_up_to_eight_each():
+    """Pretraining, sweeps and transfer grids size a one-GPU worker's CPUs (its decoder threads) by this rule."""
+    assert services.cpus_per_gpu_worker(16, 1) == 8
+    assert services.cpus_per_gpu_worker(16, 4) == 4
+    assert services.cpus_per_gpu_worker(2, 4) == 1
+    assert services.cpus_per_gpu_worker(6, 0) == 6

@@ -266,6 +266,11 @@ def ensure_ray() -> None:
         ray.init(address="local")
 
 
+def cpus_per_gpu_worker(cpus: int, gpu_workers: int) -> int:
+    """CPUs for each of `gpu_workers` one-GPU workers sharing `cpus`: decoder threads to feed its GPU, at most 8."""
+    return max(1, min(8, cpus // max(1, gpu_workers)))
+
+
 def ui_command(port: int, state_dir: str | os.PathLike | None = None) -> tuple[str, list[str] | None]:
     """The MLflow UI to open: the running server's URL (no command), else `mlflow ui` on the default store."""
     services = load_services(state_dir)

@@ -19,7 +19,7 @@ from mlpscale import tracking
 from mlpscale.config import PretrainConfig, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import dataset_dir, repo_root, split_path
-from mlpscale.services import ensure_ray
+from mlpscale.services import cpus_per_gpu_worker, ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +208,7 @@ def _cpus_per_worker(cfg: PretrainConfig, use_gpu: bool) -> int:
     import ray
 
     available = int(ray.cluster_resources().get("CPU", 1))
-    share = max(1, available // cfg.num_workers)
-    return min(share, 8) if use_gpu else share
+    return cpus_per_gpu_worker(available, cfg.num_workers) if use_gpu else max(1, available // cfg.num_workers)
 
 
 def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, extra_tags: dict[str, str] | None = None,

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from mlpscale import tracking
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
-from mlpscale.services import ensure_ray
+from mlpscale.services import cpus_per_gpu_worker, ensure_ray
 from mlpscale.tracking.models import SourceModel, resolve_source
 from mlpscale.transfer.config import TransferConfig, apply, resolve_mode_defaults, validate
 from mlpscale.transfer.data import DownstreamData, downstream_data
@@ -202,8 +202,8 @@ def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *,
     ensure_ray()
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    # a GPU trial's decoder threads follow its CPUs (Ray sets its OMP_NUM_THREADS): up to 8 per GPU, as pretraining
-    trial_resources = {"cpu": max(1, min(8, int(resources.get("CPU", 1)) // gpus)), "gpu": 1} if gpus else {"cpu": 1}
+    # a GPU trial's decoder threads follow its CPUs (Ray sets its OMP_NUM_THREADS), as pretraining's
+    trial_resources = {"cpu": cpus_per_gpu_worker(int(resources.get("CPU", 1)), gpus), "gpu": 1} if gpus else {"cpu": 1}
     space = {"base": cfg.to_dict(), "parent_run_id": parent_id, "sweep_id": sweep_id,
              **{key: tune.grid_search(list(values)) for key, values in grid.items()}}
     trainable = tune.with_resources(transfer_trainable, trial_resources)

@@ -24,7 +24,7 @@ from mlpscale import tracking
 from mlpscale.config import PretrainConfig, save_yaml, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
-from mlpscale.services import ensure_ray
+from mlpscale.services import cpus_per_gpu_worker, ensure_ray
 from mlpscale.tracking import sweeps
 from mlpscale.tune import report
 from mlpscale.tune.space import SearchSpace, check_against_config, load_space, parse_space, pretrain_field_types
@@ -166,7 +166,7 @@ def _concurrency(options: SweepOptions, use_gpu: bool) -> tuple[int, int]:
     if use_gpu:
         present = max(1, gpus)
         max_concurrent = options.max_concurrent or present
-        return max_concurrent, max(1, min(8, cpus // present))
+        return max_concurrent, cpus_per_gpu_worker(cpus, present)
     max_concurrent = options.max_concurrent or max(1, cpus)
     max_concurrent = min(max_concurrent, max(1, cpus))
     return max_concurrent, max(1, cpus // max_concurrent)
