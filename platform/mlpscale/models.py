@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from mlpscale.errors import MlpscaleError
+from mlpscale.model_choices import ACTIVATIONS, NORMALIZATIONS
 
 ARCH_GRAMMAR = "B_<depth>-Wi_<width> (inverted bottleneck) or S_<depth>-Wi_<width> (standard), e.g. B_6-Wi_1024"
-ACTIVATIONS = ("gelu", "relu")
-NORMALIZATIONS = ("layer", "batch", "none")
 OPTIMIZER_STATE_BUFFERS = {"lion": 1, "sgd": 1, "adamw": 2, "adam": 2}
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "auto": 2}
 FFCV_DEVICE_SLOTS = 5  # an FFCV epoch's memory slots: batches_ahead (3, mlpscale's loaders keep the default) + 2

@@ -31,13 +31,12 @@ from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
 from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop, normalization_affine
+from mlpscale.data.choices import ORDERS
 from mlpscale.data.host_memory import keep_freed_memory
 from mlpscale.data.mixup import MixUp
 from mlpscale.errors import MlpscaleError
 
 log = logging.getLogger(__name__)
-
-ORDERS = ("random", "quasi_random", "sequential")
 
 
 class Batch(NamedTuple):

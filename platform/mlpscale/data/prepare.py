@@ -14,9 +14,10 @@ from typing import Iterable
 
 import numpy as np
 
+from mlpscale.data.choices import DEFAULT_RESOLUTIONS
 from mlpscale.data.images import StagedSplit, stage_split
 from mlpscale.data.meta import channel_stats, load_meta, meta_path, write_meta
-from mlpscale.data.sources import DEFAULT_RESOLUTION, READERS, read_source
+from mlpscale.data.sources import READERS, read_source
 from mlpscale.data.subsets import check_sizes, nested_order
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import dataset_dir
@@ -34,7 +35,7 @@ def subset_name(n_train: int) -> str:
 def _check_resolution(dataset: str, resolution: int | None, jpeg: bool | None) -> tuple[int, bool]:
     if dataset not in READERS:
         raise MlpscaleError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
-    resolution = DEFAULT_RESOLUTION[dataset] if resolution is None else resolution
+    resolution = DEFAULT_RESOLUTIONS[dataset] if resolution is None else resolution
     try:
         resolution = int(resolution)
     except (TypeError, ValueError):

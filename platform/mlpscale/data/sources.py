@@ -280,8 +280,6 @@ READERS: dict[str, Callable[..., Source]] = {
     "imagenet64": read_imagenet64,
 }
 
-DEFAULT_RESOLUTION = {"digits": 16, "cifar10": 32, "cifar100": 32, "imagenet64": 64, "folder": 64}
-
 
 def read_source(dataset: str, source: str | os.PathLike | None = None) -> Source:
     """The reader for `dataset` applied to `source`; an unknown dataset names the known ones."""

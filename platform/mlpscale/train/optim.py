@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from mlpscale.errors import MlpscaleError
-
-OPTIMIZERS = ("lion", "adamw", "sgd")
+from mlpscale.train.choices import OPTIMIZERS
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -7,8 +7,7 @@ import math
 import torch
 
 from mlpscale.errors import MlpscaleError
-
-SCHEDULES = ("none", "cosine", "warmup_cosine")
+from mlpscale.train.choices import SCHEDULES
 
 
 def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int = 0) -> float:
