@@ -1,90 +1,95 @@
 """The pretraining run config: one typed dataclass, presets, YAML files, CLI overrides and validation.
 
 Precedence: dataclass defaults < preset < YAML file < overrides. Every field can be set
-from the command line as `--field-name value` (argparse is generated from the fields).
+from the command line as `--field-name value` (argparse is generated from the fields, each
+option's help from the field's description); the machinery is config_fields.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import typing
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-import yaml
-
+from mlpscale import config_fields
+from mlpscale.config_fields import (RunConfig, apply, check_choices, check_range, field_choices, field_names,
+                                    read_yaml, save_yaml, setting)  # noqa: F401  (save_yaml: this module's API too)
+from mlpscale.data.choices import DEFAULT_RESOLUTIONS, TRAINING_ORDERS
 from mlpscale.errors import MlpscaleError
-
-OPTIMIZERS = ("lion", "adamw", "sgd")
-SCHEDULES = ("none", "cosine", "warmup_cosine")
-PRECISIONS = ("auto", "bf16", "fp32")
-ACTIVATIONS = ("gelu", "relu")
-NORMALIZATIONS = ("layer", "batch", "none")
-ORDERS = ("random", "quasi_random")
-
-# Default image side per dataset when `resolution` is not given (matches data/prepare.py).
-DEFAULT_RESOLUTIONS = {"digits": 16, "cifar10": 32, "cifar100": 32, "imagenet64": 64, "folder": 64}
+from mlpscale.model_choices import ACTIVATIONS, NORMALIZATIONS
+from mlpscale.train.choices import OPTIMIZERS, PRECISIONS, SCHEDULES
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     """Everything one pretraining run needs; the defaults are the small CPU run on the bundled digits."""
 
     # model
-    arch: str = "B_4-Wi_256"
-    expansion: int = 4
-    activation: str = "gelu"
-    normalization: str = "layer"
-    dropout: float = 0.0
+    arch: str = setting("B_4-Wi_256", "architecture: B_<depth>-Wi_<width> (inverted bottleneck) or "
+                                      "S_<depth>-Wi_<width> (standard)")
+    expansion: int = setting(4, "a B-block's hidden width is expansion * width; S-MLPs ignore it")
+    activation: str = setting("gelu", "activation inside each block", choices=ACTIVATIONS)
+    normalization: str = setting("layer", "norm at the start of each block: LayerNorm, BatchNorm or none",
+                                 choices=NORMALIZATIONS)
+    dropout: float = setting(0.0, "dropout after each block's activation (and after a B-block's second linear)")
     # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    resolution: int | None = None
-    n_train: int | None = None
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
-    flip: bool = False
-    mixup_alpha: float = 0.0
-    order: str = "random"
-    loader_workers: int | None = None  # decoder threads; none: 1 on CPU (the step has the cores), the worker's CPUs on a GPU
+    dataset: str = setting("digits", "converted dataset to train on (digits, cifar10, cifar100, imagenet64, folder)")
+    data_dir: str | None = setting(None, "root of the converted datasets; none: $MLPSCALE_DATA, else data/ at the "
+                                           "repo root")
+    resolution: int | None = setting(None, "image side in px (the res<R> files read); none: the dataset's default "
+                                           "(digits 16, cifar 32, imagenet64 and folder 64)")
+    n_train: int | None = setting(None, "training examples: the nested subset train_n<N>.beton; none: the whole "
+                                        "train split")
+    crop_scale: tuple[float, float] = setting((0.5, 1.0), "random resized crop: range of the crop's area as a "
+                                                          "fraction of the image")
+    crop_ratio: tuple[float, float] = setting((0.75, 4.0 / 3.0), "random resized crop: range of the crop's aspect "
+                                                                 "ratio")
+    flip: bool = setting(False, "random horizontal flips of the training images")
+    mixup_alpha: float = setting(0.0, "MixUp: mixing weights drawn from Beta(alpha, alpha); 0: off")
+    order: str = setting("random", "training order: random (a new permutation each epoch) or quasi_random (FFCV's "
+                                   "page-wise shuffle from a process cache, for data larger than RAM; one worker "
+                                   "only)", choices=TRAINING_ORDERS)
+    loader_workers: int | None = setting(None, "FFCV decoder threads per worker; none: 1 on a CPU (the training "
+                                               "step's threads have the cores), the worker's CPUs on a GPU")
     # optimisation
-    epochs: int = 20
-    batch_size: int = 128
-    accumulation_steps: int = 1
-    optimizer: str = "lion"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    label_smoothing: float = 0.0
-    grad_clip: float = 0.0
-    schedule: str = "warmup_cosine"
-    warmup_epochs: float = 1.0
+    epochs: int = setting(20, "passes over the training set")
+    batch_size: int = setting(128, "effective batch of one optimizer step, over all workers and accumulation steps")
+    accumulation_steps: int = setting(1, "micro-batches whose gradients are summed before each optimizer step "
+                                         "(each of batch_size / (accumulation_steps * num_workers) per worker)")
+    optimizer: str = setting("lion", "LION, AdamW or SGD (Nesterov momentum); biases and norms get no weight decay",
+                             choices=OPTIMIZERS)
+    lr: float = setting(1e-3, "peak learning rate (the schedule scales it)")
+    weight_decay: float = setting(0.0, "the optimizer's weight decay, on weight matrices only")
+    momentum: float = setting(0.9, "SGD's momentum (Nesterov when above 0); lion and adamw ignore it")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy loss, in [0, 1)")
+    grad_clip: float = setting(0.0, "clip the gradients' global norm to this before each step; 0: no clipping")
+    schedule: str = setting("warmup_cosine", "learning rate per optimizer step: none (constant), cosine (to zero), "
+                                             "warmup_cosine (linear warm-up, then cosine)", choices=SCHEDULES)
+    warmup_epochs: float = setting(1.0, "length of warmup_cosine's linear warm-up in epochs (fractions allowed, "
+                                        "rounded to steps); the other schedules ignore it")
     # execution
-    num_workers: int = 1
-    use_gpu: bool | None = None
-    precision: str = "auto"
-    compile: bool = False
-    seed: int = 0
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 2
-    max_failures: int = 2
-    storage_path: str | None = None
+    num_workers: int = setting(1, "Ray Train workers (DDP ranks, one GPU each on GPUs), each reading its own shard")
+    use_gpu: bool | None = setting(None, "train on GPUs; none: when the Ray cluster has one (--dry-run: this "
+                                         "machine)")
+    precision: str = setting("auto", "bf16 autocast or fp32; auto: bf16 where it is native (Ampere+ GPUs, CPUs "
+                                     "with avx512_bf16 or AMX)", choices=PRECISIONS)
+    compile: bool = setting(False, "torch.compile the model for training")
+    seed: int = setting(0, "seed of the initialisation (plus the rank) and of crops, flips, order and MixUp")
+    checkpoint_every: int = setting(1, "rank 0 writes a checkpoint every this many epochs, and after the last")
+    keep_checkpoints: int = setting(2, "checkpoints Ray Train keeps: the newest this many")
+    max_failures: int = setting(2, "restarts of the worker group after a worker fails, from the last checkpoint into "
+                                   "the same MLflow run (a sweep trial uses --trial-retries instead)")
+    storage_path: str | None = setting(None, "where Ray Train and Tune keep runs and checkpoints, a path every node "
+                                             "sees (no URIs); none: <repo>/ray_results")
     # tracking
-    experiment: str = "mlpscale"
-    run_name: str | None = None
-    tracking_uri: str | None = None
-    register: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON-friendly values (tuples become lists)."""
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+    experiment: str = setting("mlpscale", "MLflow experiment of the run")
+    run_name: str | None = setting(None, "Ray Train run name (a folder under storage_path; --resume continues it) "
+                                         "and MLflow run name; none: pretrain-<dataset>-<arch>-<time>")
+    tracking_uri: str | None = setting(None, "MLflow tracking URI; none: $MLFLOW_TRACKING_URI, else sqlite "
+                                             "mlflow.db at the repo root")
+    register: str | None = setting(None, "also register the final model in the MLflow model registry under this "
+                                         "name; none: only log it")
 
     @property
     def image_resolution(self) -> int:
@@ -113,112 +118,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
-    "activation": ACTIVATIONS, "normalization": NORMALIZATIONS, "order": ORDERS,
-}
+CHOICES: dict[str, tuple[str, ...]] = field_choices(PretrainConfig)
+FIELD_NAMES = field_names(PretrainConfig)
 POSITIVE = ("expansion", "epochs", "batch_size", "accumulation_steps", "num_workers", "checkpoint_every",
             "keep_checkpoints", "lr")
 NON_NEGATIVE = ("weight_decay", "momentum", "grad_clip", "warmup_epochs", "mixup_alpha",
                 "max_failures", "seed", "dropout", "label_smoothing")
-FIELD_NAMES = tuple(f.name for f in fields(PretrainConfig))
-_HINTS = typing.get_type_hints(PretrainConfig)
-
-
-def _base_type(hint) -> tuple[type, bool]:
-    """(the concrete type, whether None is allowed) of a field's annotation."""
-    args = typing.get_args(hint)
-    if args and type(None) in args and typing.get_origin(hint) is not tuple:
-        inner = [a for a in args if a is not type(None)][0]
-        return _base_type(inner)[0], True
-    origin = typing.get_origin(hint)
-    return (origin or hint), False
-
-
-def _parse_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise MlpscaleError(f"{key}={value!r} is not a boolean; use true or false")
-
-
-def coerce_field(config_class: type, key: str, value: Any, *, label: str = "config") -> Any:
-    """Convert a YAML/CLI value to the type of `config_class`'s field `key`; MlpscaleError naming the key."""
-    names = tuple(f.name for f in fields(config_class))
-    if key not in names:
-        raise MlpscaleError(f"unknown {label} key {key!r}; known keys: {', '.join(names)}")
-    kind, optional = _base_type(typing.get_type_hints(config_class)[key])
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-        if optional:
-            return None
-        raise MlpscaleError(f"{key} must not be empty")
-    try:
-        if kind is bool:
-            return _parse_bool(key, value)
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            number = float(value) if isinstance(value, str) else value
-            if isinstance(number, float) and not number.is_integer():
-                raise ValueError
-            return int(number)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind is tuple:
-            items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
-            if len(items) != 2:
-                raise ValueError
-            return (float(items[0]), float(items[1]))
-        if kind is str:
-            if not isinstance(value, (str, int, float)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise MlpscaleError(f"{key}={value!r} is not a valid {_type_name(kind, optional)}") from None
-    return value
-
-
-def coerce_value(key: str, value: Any) -> Any:
-    """Convert a YAML/CLI value to the PretrainConfig field's type; MlpscaleError naming the key when it cannot."""
-    return coerce_field(PretrainConfig, key, value)
-
-
-def _type_name(kind: type, optional: bool) -> str:
-    name = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string",
-            tuple: "pair of numbers (e.g. 0.08 1.0)"}.get(kind, str(kind))
-    return name + (" or none" if optional else "")
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Check choices and ranges; raises MlpscaleError naming the key, the value and what is allowed."""
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise MlpscaleError(f"{key}={getattr(cfg, key)!r} is not allowed; choose one of: {', '.join(allowed)}")
-    for key in POSITIVE:
-        if not getattr(cfg, key) > 0:
-            raise MlpscaleError(f"{key}={getattr(cfg, key)!r} must be positive")
-    for key in NON_NEGATIVE:
-        if getattr(cfg, key) < 0:
-            raise MlpscaleError(f"{key}={getattr(cfg, key)!r} must be >= 0")
-    for key in ("resolution", "n_train", "loader_workers"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise MlpscaleError(f"{key}={getattr(cfg, key)!r} must be positive (or none for the default)")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise MlpscaleError(f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
-    if not 0 <= cfg.dropout < 1:
-        raise MlpscaleError(f"dropout={cfg.dropout} must be in [0, 1)")
-    low, high = cfg.crop_scale
-    if not 0 < low <= high <= 1:
-        raise MlpscaleError(f"crop_scale={list(cfg.crop_scale)} must satisfy 0 < low <= high <= 1")
-    low, high = cfg.crop_ratio
-    if not 0 < low <= high:
-        raise MlpscaleError(f"crop_ratio={list(cfg.crop_ratio)} must satisfy 0 < low <= high")
+    check_choices(cfg)
+    check_range(cfg, "positive", *POSITIVE)
+    check_range(cfg, "non_negative", *NON_NEGATIVE)
+    check_range(cfg, "positive_or_none", "resolution", "n_train", "loader_workers")
+    check_range(cfg, "fraction", "label_smoothing", "dropout")
+    check_range(cfg, "scale_range", "crop_scale")
+    check_range(cfg, "ratio_range", "crop_ratio")
     if cfg.warmup_epochs >= cfg.epochs and cfg.schedule == "warmup_cosine":
         raise MlpscaleError(f"warmup_epochs={cfg.warmup_epochs} must be smaller than epochs={cfg.epochs}")
     per_step = cfg.accumulation_steps * cfg.num_workers
@@ -231,15 +147,6 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     if not cfg.experiment:
         raise MlpscaleError("experiment must not be empty")
     return cfg
-
-
-def apply(cfg: PretrainConfig, values: Mapping[str, Any]) -> PretrainConfig:
-    """A copy of `cfg` with `values` (keys may use - or _) coerced and set; unknown keys rejected."""
-    changes = {}
-    for raw_key, value in values.items():
-        key = str(raw_key).replace("-", "_")
-        changes[key] = coerce_value(key, value)
-    return dataclasses.replace(cfg, **changes)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
@@ -257,59 +164,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     return validate(cfg)
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML mapping from a file; MlpscaleError when missing or not a mapping."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise MlpscaleError(f"config file {str(file)!r} does not exist; pass an existing YAML file to --config")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise MlpscaleError(f"config file {str(file)!r} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise MlpscaleError(f"config file {str(file)!r} must hold a mapping of key: value")
-    return data
-
-
-def save_yaml(obj: Any, path: str | os.PathLike) -> Path:
-    """Write a config (dataclass or mapping) as YAML that load_config(path) reads back."""
-    data = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
-    data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(yaml.safe_dump(data, sort_keys=False))
-    return file
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config`, `--preset` and one `--field-name` option per config field (default: unset)."""
     parser.add_argument("--config", help="YAML file of config fields (written by save_yaml or by hand)")
     parser.add_argument("--preset", help=f"paper recipe: {', '.join(PRESETS)}")
-    group = parser.add_argument_group("config fields (override the preset and the --config file)")
-    defaults = PretrainConfig()
-    for name in FIELD_NAMES:
-        flag = "--" + name.replace("_", "-")
-        kind, optional = _base_type(_HINTS[name])
-        help_text = f"{_type_name(kind, optional)}; default {getattr(defaults, name)!r}"
-        if name in CHOICES:
-            help_text += f"; one of {', '.join(CHOICES[name])}"
-        nargs = 2 if kind is tuple else None
-        aliases = [flag] if "_" not in name else [flag, "--" + name]
-        group.add_argument(*aliases, dest=f"cfg__{name}", nargs=nargs, default=None, metavar=name.upper(),
-                           help=help_text)
+    config_fields.add_field_arguments(parser, PretrainConfig,
+                                      title="config fields (override the preset and the --config file)")
+
+
+def user_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields the user set with parsed `add_config_arguments` options: the --config file's values, then the
+    --field options' (which win); typed, unknown keys rejected. The preset is not among them."""
+    return config_fields.user_overrides(args, PretrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     """The validated config from parsed `add_config_arguments` options."""
-    overrides = {key[len("cfg__"):]: value for key, value in vars(args).items()
-                 if key.startswith("cfg__") and value is not None}
-    return load_config(getattr(args, "config", None), overrides, getattr(args, "preset", None))
+    return load_config(overrides=user_overrides(args), preset=getattr(args, "preset", None))
 
 
 def fields_table() -> str:
-    """A Markdown table of the fields, their types and defaults (for docs/pretrain.md)."""
-    defaults = PretrainConfig()
-    rows = ["| field | type | default |", "|---|---|---|"]
-    for name in FIELD_NAMES:
-        rows.append(f"| `{name}` | {_type_name(*_base_type(_HINTS[name]))} | `{getattr(defaults, name)!r}` |")
-    return "\n".join(rows)
+    """The Markdown table of the fields (docs/pretrain.md holds it; `python -m mlpscale.config_fields` rewrites it)."""
+    return config_fields.fields_table(PretrainConfig)

@@ -13,17 +13,17 @@ Everything is checked before any trial starts; errors name the entry and the fix
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mlpscale import config_fields
+from mlpscale.config import CHOICES, PretrainConfig, apply, validate
+from mlpscale.config_fields import base_type
 from mlpscale.errors import MlpscaleError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
@@ -86,17 +86,7 @@ class SearchSpace:
 
 def pretrain_field_types() -> dict[str, Any]:
     """Each PretrainConfig field and its (resolved) type annotation."""
-    from mlpscale.config import PretrainConfig
-
-    hints = typing.get_type_hints(PretrainConfig)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(PretrainConfig)}
-
-
-def pretrain_choices() -> dict[str, tuple]:
-    """The allowed values of the pretrain config's enumerated fields (optimizer, schedule, ...)."""
-    from mlpscale.config import CHOICES
-
-    return dict(CHOICES)
+    return config_fields.field_types(PretrainConfig)
 
 
 def load_space(path: str | Path, field_types: dict[str, Any] | None = None) -> SearchSpace:
@@ -125,7 +115,7 @@ def parse_space(raw: Any, field_types: dict[str, Any] | None = None, source: str
                             f"{{distribution: ..., low/high or values}}; got {type(raw).__name__}")
     types = field_types if field_types is not None else pretrain_field_types()
     if choices is None:
-        choices = pretrain_choices() if field_types is None else {}
+        choices = dict(CHOICES) if field_types is None else {}
     params = tuple(_parse_entry(str(name), entry, types, where) for name, entry in raw.items())
     for p in params:
         allowed = choices.get(p.field)
@@ -155,7 +145,7 @@ def _parse_entry(name: str, entry: Any, types: dict[str, Any], where: str) -> Pa
     distribution = entry.get("distribution")
     if distribution not in DISTRIBUTIONS:
         raise MlpscaleError(f"{label} has unknown distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
-    kind = _base_type(types[name])
+    kind = base_type(types[name])[0]
     if distribution in VALUE_DISTRIBUTIONS:
         return _parse_values(name, entry, distribution, kind, label)
     return _parse_range(name, entry, distribution, kind, label)
@@ -209,19 +199,6 @@ def _parse_range(name: str, entry: dict, distribution: str, kind: Any, label: st
     return ParamSpec(field=name, distribution=distribution, low=float(low), high=float(high), log=log)
 
 
-def _base_type(annotation: Any) -> Any:
-    """int, float, str, bool, tuple or list for an annotation; Optional[X] -> X."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union or origin is types.UnionType:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(args[0]) if len(args) == 1 else Any
-    if origin in (tuple, list):
-        return origin
-    if typing.get_origin(annotation) is typing.Literal:
-        return str
-    return annotation
-
-
 def _coerce(value: Any, kind: Any, label: str) -> Any:
     """A value checked against the field's type (ints accepted for float fields)."""
     name = getattr(kind, "__name__", str(kind))
@@ -270,15 +247,13 @@ def tune_value(value: Any) -> Any:
 
 def from_tune_value(value: Any, annotation: Any) -> Any:
     """A sampled value back in the config's type (JSON strings of sequence fields become tuples)."""
-    if _base_type(annotation) in (tuple, list) and isinstance(value, str):
+    if base_type(annotation)[0] in (tuple, list) and isinstance(value, str):
         return tuple(json.loads(value))
     return value
 
 
 def check_against_config(space: SearchSpace, base) -> None:
     """Every value a range can reach (its ends) and every listed value must make a valid config from `base`."""
-    from mlpscale.config import apply, validate
-
     for p in space.params:
         candidates = p.values if p.values is not None else (p.low, p.high)
         for value in candidates:
