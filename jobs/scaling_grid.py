@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from mlpscale.config import add_config_arguments, read_yaml
+from mlpscale.config import add_config_arguments, user_overrides
 from mlpscale.errors import cli_main
 
 
@@ -39,9 +39,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mlpscale.scaling.grid import plan_grid, run_scaling_grid
 
-    overrides = read_yaml(args.config) if args.config else {}
-    overrides.update({key[len("cfg__"):]: value for key, value in vars(args).items()
-                      if key.startswith("cfg__") and value is not None})
+    overrides = user_overrides(args)  # --config file and pretrain options; --preset is the grid's
     storage_path = overrides.get("storage_path")
     plan = None if args.resume else plan_grid(preset=args.preset, archs=args.archs, n_train=args.n_train_list,
                                               overrides=overrides)
