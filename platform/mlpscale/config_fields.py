@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.check:
                 doc.write_text(updated)
     for doc in stale:
-        print(f"{'stale' if args.check else 'rewrote'}: {doc}")
+        print(f"stale: {doc} (regenerate: {REGENERATE_COMMAND})" if args.check else f"rewrote: {doc}")
     return 1 if (args.check and stale) else 0
 
 

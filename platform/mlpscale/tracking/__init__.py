@@ -190,11 +190,6 @@ def log_file_artifact(mlflow_client, run_id: str, path: str | os.PathLike, artif
     mlflow_client.log_artifact(run_id, str(path), artifact_path)
 
 
-def set_tags(mlflow_client, run_id: str, tags: Mapping[str, Any]) -> None:
-    for key, value in tags.items():
-        mlflow_client.set_tag(run_id, key, str(value))
-
-
 def mark_failed(mlflow_client, run_id: str, reason: str) -> None:
     """Tag the failure reason and end the run as FAILED."""
     mlflow_client.set_tag(run_id, TAG_FAILURE, reason[:4000])

@@ -15,7 +15,6 @@ TAG_TRIAL_ID = "mlpscale.trial_id"
 TAG_PLACEMENT_GROUP = "mlpscale.placement_group"
 TAG_NODE_IDS = "mlpscale.node_ids"
 TAG_STOPPED = "mlpscale.stopped"
-TAG_SPACE = "mlpscale.search_space"
 
 
 def start_sweep_run(uri: str, experiment: str, sweep_id: str, *, run_name: str | None = None,

@@ -27,7 +27,6 @@ from mlpscale.config_fields import base_type
 from mlpscale.errors import MlpscaleError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
-RANGE_DISTRIBUTIONS = ("loguniform", "uniform", "int")
 VALUE_DISTRIBUTIONS = ("choice", "grid")
 # Fields a sweep must not vary: they say where results go or how the job runs, not what is trained.
 NOT_SEARCHABLE = frozenset({
