@@ -19,7 +19,7 @@ from mlpscale import tracking
 from mlpscale.config import PretrainConfig, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import dataset_dir, repo_root, split_path
-from mlpscale.services import cpus_per_gpu_worker, ensure_ray
+from mlpscale.ray_cluster import cpus_per_gpu_worker, ensure_ray
 
 log = logging.getLogger(__name__)
 

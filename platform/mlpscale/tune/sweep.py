@@ -24,7 +24,7 @@ from mlpscale import tracking
 from mlpscale.config import PretrainConfig, save_yaml, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
-from mlpscale.services import cpus_per_gpu_worker, ensure_ray
+from mlpscale.ray_cluster import cpus_per_gpu_worker, ensure_ray
 from mlpscale.tracking import sweeps
 from mlpscale.tune import report
 from mlpscale.tune.space import SearchSpace, check_against_config, load_space, parse_space, pretrain_field_types
