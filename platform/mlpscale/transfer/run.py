@@ -23,7 +23,7 @@ from mlpscale.transfer.config import TransferConfig, apply, resolve_mode_default
 from mlpscale.transfer.data import DownstreamData, downstream_data
 from mlpscale.transfer.evaluation import accuracy_metrics, tta_logits
 from mlpscale.transfer.real_labels import load_real_labels, real_top1
-from mlpscale.transfer.weights_picture import log_weights_picture
+from mlpscale.weights_picture import log_weights_picture
 
 log = logging.getLogger(__name__)
 
