@@ -9,11 +9,10 @@ Then: python jobs/fit_scaling_laws.py --sweep <grid name>. See docs/scaling.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from mlpscale.cli import job_main
 from mlpscale.config import add_config_arguments, read_yaml
-from mlpscale.errors import cli_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,9 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main()
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from mlpscale.scaling.grid import plan_grid, run_scaling_grid
 

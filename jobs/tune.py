@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from mlpscale.cli import job_main
 from mlpscale.config import add_config_arguments, config_from_args
-from mlpscale.errors import MlpscaleError, cli_main
+from mlpscale.errors import MlpscaleError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,9 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main()
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if not args.space and not args.resume:
         raise MlpscaleError("pass --space search_spaces/<file>.yaml (or --resume to continue a sweep)")
