@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mlpscale.scaling.grid import plan_grid, run_scaling_grid
+    from mlpscale.tune import report
 
     overrides = read_yaml(args.config) if args.config else {}
     overrides.update({key[len("cfg__"):]: value for key, value in vars(args).items()
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
                                               overrides=overrides)
     result = run_scaling_grid(plan, name=args.name, storage_path=storage_path, max_concurrent=args.max_concurrent,
                               resume=args.resume)
+    print(report.summary(result))
     print(f"grid {result.sweep_id}: fit it with  python jobs/fit_scaling_laws.py --sweep {result.sweep_id}")
     return 0 if result.errors == 0 else 1
 

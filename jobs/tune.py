@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.space and not args.resume:
         raise MlpscaleError("pass --space search_spaces/<file>.yaml (or --resume to continue a sweep)")
+    from mlpscale.tune import report
     from mlpscale.tune.sweep import SweepOptions, run_sweep
 
     cfg = config_from_args(args)
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
                            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                            name=args.name, storage_path=cfg.storage_path, trial_retries=args.trial_retries)
     result = run_sweep(cfg, options, resume=args.resume)
+    print(report.summary(result))
     return 0 if result.best_config_path is not None else 1
 
 
