@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from mlpscale.errors import MlpscaleError
 
@@ -20,7 +20,7 @@ TIMED_LOGS = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 PLAIN_LOGS = "%(levelname)s %(name)s: %(message)s"
 MESSAGE_LOGS = "%(message)s"
 
-Main = Callable[..., "int | None"]
+Main = Callable[..., int | None]
 
 
 def job_main(log_format: str | None = TIMED_LOGS) -> Callable[[Main], Callable[..., int]]:
