@@ -1,4 +1,4 @@
-# mlpscale: one-command set-up, tests, jobs and local services.
+# mlpscale: one-command set-up, lint, tests, jobs and local services.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +13,7 @@ MLFLOW_PORT ?= 5000
 SERVICES := .services
 export MLPSCALE_REPO := $(CURDIR)
 
-.PHONY: setup test pretrain up down ui bench tune scaling-demo clean-services
+.PHONY: setup lint test pretrain up down ui bench tune scaling-demo clean-services
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ $(STAMP):
 	$(PY) -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.setup-*
 	touch $@
+
+# lint: ruff's checks and its formatter, in check mode (nothing is rewritten); settings in pyproject.toml.
+LINT_PATHS := platform jobs tests benchmarks
+lint: setup
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

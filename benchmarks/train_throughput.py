@@ -169,7 +169,7 @@ def ray_train_bound(args) -> tuple[float, float, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mlpscale.services import ensure_ray
+    from mlpscale.ray_cluster import ensure_ray
 
     def measure(config):  # imports this file as a module: Ray cannot pickle its functions from __main__
         import sys

@@ -7,10 +7,9 @@ python jobs/finetune.py --source RUN_ID|models:/name/version|name@alias|CHECKPOI
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from mlpscale.errors import cli_main
+from mlpscale.cli import job_main
 from mlpscale.transfer.config import add_transfer_arguments, config_from_args
 
 
@@ -23,9 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main()
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     cfg = config_from_args(args)
     from mlpscale.transfer.run import parse_grid, run_transfer, run_transfer_grid

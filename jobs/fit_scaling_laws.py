@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
-from mlpscale.errors import cli_main
+from mlpscale.cli import PLAIN_LOGS, job_main
 from mlpscale.scaling.job import FitOptions, run_scaling_fit
 
 
@@ -40,9 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main(PLAIN_LOGS)
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     outcome = run_scaling_fit(FitOptions(
         experiment=args.experiment, sweep=args.sweep, points=args.points, tracking_uri=args.tracking_uri,

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from mlpscale.errors import cli_main
+from mlpscale.cli import job_main
 from mlpscale.models import NORMALIZATIONS, OPTIMIZER_STATE_BUFFERS, PRECISION_BYTES, model_info
 
 
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main(log_format=None)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = model_info(args.arch, resolution=args.resolution, num_classes=args.num_classes,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from mlpscale.cli import PLAIN_LOGS, job_main
 from mlpscale.data.meta import load_meta
 from mlpscale.data.prepare import prepare_dataset
 from mlpscale.data.sources import READERS
-from mlpscale.errors import cli_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,9 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main(PLAIN_LOGS)
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     directory = prepare_dataset(args.dataset, source=args.source, data_dir=args.data_dir, resolution=args.resolution,
                                 n_train=args.n_train, strict=args.strict, jpeg=args.jpeg, overwrite=args.overwrite,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from mlpscale.cli import job_main
 from mlpscale.config import add_config_arguments, config_from_args
-from mlpscale.errors import cli_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -19,9 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main()
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     cfg = config_from_args(args)
     if args.dry_run:

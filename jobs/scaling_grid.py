@@ -9,11 +9,10 @@ Then: python jobs/fit_scaling_laws.py --sweep <grid name>. See docs/scaling.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from mlpscale.cli import job_main
 from mlpscale.config import add_config_arguments, user_overrides
-from mlpscale.errors import cli_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,11 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main()
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from mlpscale.scaling.grid import plan_grid, run_scaling_grid
+    from mlpscale.tune import report
 
     overrides = user_overrides(args)  # --config file and pretrain options; --preset is the grid's
     storage_path = overrides.get("storage_path")
@@ -45,6 +44,7 @@ def main(argv=None) -> int:
                                               overrides=overrides)
     result = run_scaling_grid(plan, name=args.name, storage_path=storage_path, max_concurrent=args.max_concurrent,
                               resume=args.resume)
+    print(report.summary(result))
     print(f"grid {result.sweep_id}: fit it with  python jobs/fit_scaling_laws.py --sweep {result.sweep_id}")
     return 0 if result.errors == 0 else 1
 

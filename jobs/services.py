@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import subprocess
 
 from mlpscale import services
-from mlpscale.errors import MlpscaleError, cli_main
+from mlpscale.cli import MESSAGE_LOGS, job_main
+from mlpscale.errors import MlpscaleError
 
 
-@cli_main
+@job_main(MESSAGE_LOGS)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["up", "down", "status", "ui"])
@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--services-dir", default=None, help="state directory (default: <repo>/.services)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the services")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.action == "up":
         started = services.up(services.Ports.from_env(), num_cpus=args.num_cpus, num_gpus=args.num_gpus,

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from mlpscale.cli import job_main
 from mlpscale.config import add_config_arguments, config_from_args
-from mlpscale.errors import MlpscaleError, cli_main
+from mlpscale.errors import MlpscaleError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,12 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main
+@job_main()
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if not args.space and not args.resume:
         raise MlpscaleError("pass --space search_spaces/<file>.yaml (or --resume to continue a sweep)")
+    from mlpscale.tune import report
     from mlpscale.tune.sweep import SweepOptions, run_sweep
 
     cfg = config_from_args(args)
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
                            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                            name=args.name, storage_path=cfg.storage_path, trial_retries=args.trial_retries)
     result = run_sweep(cfg, options, resume=args.resume)
+    print(report.summary(result))
     return 0 if result.best_config_path is not None else 1
 
 

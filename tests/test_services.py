@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mlpscale import services
+from mlpscale import ray_cluster, services
 from mlpscale.errors import MlpscaleError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,14 +82,14 @@ def test_up_waits_until_usable_and_prints_the_exports(head):
 def test_driver_address_maps_the_dashboard_url_to_the_head(head, monkeypatch):
     record = services.load_services(head["state_dir"])
     monkeypatch.setenv("RAY_ADDRESS", record.dashboard_url)
-    assert services.driver_ray_address(head["state_dir"]) == record.gcs_address
+    assert ray_cluster.driver_ray_address(head["state_dir"]) == record.gcs_address
     monkeypatch.delenv("RAY_ADDRESS")
-    assert services.driver_ray_address(head["state_dir"]) == record.gcs_address
+    assert ray_cluster.driver_ray_address(head["state_dir"]) == record.gcs_address
     monkeypatch.setenv("RAY_ADDRESS", record.gcs_address)
-    assert services.driver_ray_address(head["state_dir"]) is None  # ray.init() reads RAY_ADDRESS itself
+    assert ray_cluster.driver_ray_address(head["state_dir"]) is None  # ray.init() reads RAY_ADDRESS itself
     monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(MlpscaleError, match="RAY_ADDRESS=http://127.0.0.1:.*ray job submit"):
-        services.driver_ray_address(head["state_dir"])
+        ray_cluster.driver_ray_address(head["state_dir"])
 
 
 def test_submitted_jobs_log_to_the_server_with_and_without_working_dir(head, digits_dir, tmp_path):
@@ -167,7 +167,7 @@ def test_down_stops_every_process_and_is_idempotent(head):
 
 def test_gpu_workers_share_the_cpus_up_to_eight_each():
     """Pretraining, sweeps and transfer grids size a one-GPU worker's CPUs (its decoder threads) by this rule."""
-    assert services.cpus_per_gpu_worker(16, 1) == 8
-    assert services.cpus_per_gpu_worker(16, 4) == 4
-    assert services.cpus_per_gpu_worker(2, 4) == 1
-    assert services.cpus_per_gpu_worker(6, 0) == 6
+    assert ray_cluster.cpus_per_gpu_worker(16, 1) == 8
+    assert ray_cluster.cpus_per_gpu_worker(16, 4) == 4
+    assert ray_cluster.cpus_per_gpu_worker(2, 4) == 1
+    assert ray_cluster.cpus_per_gpu_worker(6, 0) == 6

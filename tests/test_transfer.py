@@ -238,7 +238,7 @@ def test_real_accuracy_on_hand_made_labels(tmp_path):
 
 def test_weights_picture_is_channel_max_of_first_layer(tmp_path):
     from mlpscale.models import build_model
-    from mlpscale.transfer.weights_picture import first_layer_filters, save_weights_picture
+    from mlpscale.weights_picture import first_layer_filters, save_weights_picture
 
     model = build_model("B_1-Wi_32", resolution=4, num_classes=3)
     weight = torch.arange(32 * 48, dtype=torch.float32).reshape(32, 48).neg()  # channel 0 holds the maximum

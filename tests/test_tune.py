@@ -32,7 +32,8 @@ def child_runs(uri: str, parent_run_id: str) -> list:
     return sweeps.trial_runs(uri, parent_run_id)
 
 
-def test_sweep_of_four_trials_with_a_failing_one(digits_dir, tmp_path, tracking_uri, ray_local, capsys):
+def test_sweep_of_four_trials_with_a_failing_one(digits_dir, tmp_path, tracking_uri, ray_local):
+    from mlpscale.tune import report
     from mlpscale.tune.sweep import SweepOptions, run_sweep
 
     space = tmp_path / "space.yaml"
@@ -94,7 +95,7 @@ def test_sweep_of_four_trials_with_a_failing_one(digits_dir, tmp_path, tracking_
 
     table = ray.util.placement_group_table()
     assert all(table.get(pg, {}).get("state") not in ("CREATED", "PENDING") for pg in sweeps.placement_groups(children))
-    printed = capsys.readouterr().out
+    printed = report.summary(result)  # what jobs/tune.py and jobs/scaling_grid.py print at the end
     assert all(run.data.tags[sweeps.TAG_TRIAL_ID] in printed for run in children)
     assert f"best config: {result.best_config_path}" in printed
 

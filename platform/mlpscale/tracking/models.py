@@ -238,9 +238,3 @@ def _parse(value: Any) -> Any:
         return float(value)
     except ValueError:
         return value
-
-
-def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None,
-                 tracking_uri: str | None = None) -> None:
-    """Upload one local file to a run's artifacts (under `artifact_path`)."""
-    client(tracking_uri).log_artifact(run_id, str(path), artifact_path)

@@ -19,7 +19,7 @@ from mlpscale import tracking
 from mlpscale.config import PretrainConfig, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import dataset_dir, repo_root, split_path
-from mlpscale.services import cpus_per_gpu_worker, ensure_ray
+from mlpscale.ray_cluster import cpus_per_gpu_worker, ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def log_final_model(cfg: PretrainConfig, data: DataSpec, uri: str, run_id: str, 
 
     from mlpscale.models import build_model
     from mlpscale.train.checkpoint import load_state
-    from mlpscale.transfer.weights_picture import log_weights_picture
+    from mlpscale.weights_picture import log_weights_picture
 
     state = load_state(checkpoint_path)
     model = build_model(cfg.arch, resolution=data.resolution, num_classes=int(data.meta["num_classes"]),

@@ -17,13 +17,13 @@ from typing import Any, Callable, Mapping, Sequence
 from mlpscale import tracking
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
-from mlpscale.services import cpus_per_gpu_worker, ensure_ray
+from mlpscale.ray_cluster import cpus_per_gpu_worker, ensure_ray
 from mlpscale.tracking.models import SourceModel, resolve_source
 from mlpscale.transfer.config import TransferConfig, apply, resolve_mode_defaults, validate
 from mlpscale.transfer.data import DownstreamData, downstream_data
 from mlpscale.transfer.evaluation import accuracy_metrics, tta_logits
 from mlpscale.transfer.real_labels import load_real_labels, real_top1
-from mlpscale.transfer.weights_picture import log_weights_picture
+from mlpscale.weights_picture import log_weights_picture
 
 log = logging.getLogger(__name__)
 

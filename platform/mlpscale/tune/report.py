@@ -1,4 +1,5 @@
-"""End-of-sweep outputs: the trials table as text, CSV and Parquet, Optuna's importance and history plots."""
+"""End-of-sweep outputs: the trials table as text, CSV and Parquet, Optuna's importance and history plots, and
+the summary the sweep jobs print."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import logging
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from mlpscale.tune.space import SearchSpace
+
+if TYPE_CHECKING:
+    from mlpscale.tune.sweep import SweepResult
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,22 @@ def format_table(table: pd.DataFrame, fields: list[str], metric: str) -> str:
     shown["epochs_run"] = [f"{int(run)}/{int(total)}" for run, total in zip(table["epochs_run"], table["epochs"])]
     shown = shown.drop(columns=["epochs"]).rename(columns={"epochs_run": "epochs"})
     return shown.to_string(index=False)
+
+
+def summary(result: SweepResult) -> str:
+    """What jobs/tune.py and jobs/scaling_grid.py print at the end: the trials table, the best trial and its
+    config file (or that none finished), the MLflow parent run and the Tune experiment folder."""
+    lines = [format_table(result.table, result.fields, result.metric)]
+    if result.best_config_path is not None:
+        best_value = result.best[f"best_{result.metric}"]
+        lines.append(f"best trial {result.best['best_trial_id']}: {result.metric}={best_value:.4f}")
+        lines.append(f"best config: {result.best_config_path}  (train it with: python jobs/pretrain.py --config "
+                     f"{result.best_config_path})")
+    else:
+        lines.append("no trial finished: no best config")
+    lines.append(f"MLflow parent run: {result.parent_run_id} (experiment {result.experiment}); "
+                 f"Tune experiment: {result.experiment_dir}")
+    return "\n".join(lines)
 
 
 def _short(value) -> str:

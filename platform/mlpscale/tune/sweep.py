@@ -24,7 +24,7 @@ from mlpscale import tracking
 from mlpscale.config import PretrainConfig, save_yaml, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
-from mlpscale.services import cpus_per_gpu_worker, ensure_ray
+from mlpscale.ray_cluster import cpus_per_gpu_worker, ensure_ray
 from mlpscale.tracking import sweeps
 from mlpscale.tune import report
 from mlpscale.tune.space import SearchSpace, check_against_config, load_space, parse_space, pretrain_field_types
@@ -81,6 +81,8 @@ class SweepOptions:
 
 @dataclass
 class SweepResult:
+    """What a sweep left: its runs, table and best config; `report.summary` turns it into the job's printout."""
+
     sweep_id: str
     parent_run_id: str
     experiment_dir: Path
@@ -88,6 +90,9 @@ class SweepResult:
     best: dict[str, Any] = field(default_factory=dict)
     best_config_path: Path | None = None
     errors: int = 0
+    fields: list[str] = field(default_factory=list)  # the searched config fields (the table's config columns)
+    metric: str = "val_top1"
+    experiment: str = ""  # the MLflow experiment of the parent run
 
 
 def storage_root(options: SweepOptions) -> Path:
@@ -312,15 +317,8 @@ def _finish(context: SweepContext, space: SearchSpace, options: SweepOptions, ex
         files.append((best_path, None))
     errors = sum(1 for r in results if r.error is not None) if results is not None else 0
     sweeps.log_sweep_summary(uri, context.parent_run_id, best=best, files=files)
-    print(report.format_table(table, space.fields, options.metric))
-    if best_path is not None:
-        print(f"best trial {best['best_trial_id']}: {options.metric}={best[f'best_{options.metric}']:.4f}")
-        print(f"best config: {best_path}  (train it with: python jobs/pretrain.py --config {best_path})")
-    else:
-        print("no trial finished: no best config")
-    print(f"MLflow parent run: {context.parent_run_id} (experiment {context.experiment}); "
-          f"Tune experiment: {experiment_dir}")
-    return SweepResult(context.sweep_id, context.parent_run_id, experiment_dir, table, best, best_path, errors)
+    return SweepResult(context.sweep_id, context.parent_run_id, experiment_dir, table, best, best_path, errors,
+                       fields=list(space.fields), metric=options.metric, experiment=context.experiment)
 
 
 def _best(context: SweepContext, table, options: SweepOptions, experiment_dir: Path):

@@ -1,4 +1,4 @@
-"""Pictures of the first layer's weights (paper appendix C).
+"""Pictures of the first layer's weights (paper appendix C), logged by pretraining and transfer runs.
 
 Each unit's incoming weights W[:, u] in R^{3hw} are reshaped back to the image layout
 (channels, h, w), reduced by the maximum over the channels, and the first 25 units are
@@ -60,9 +60,9 @@ def save_weights_picture(model: torch.nn.Module, resolution: int, path: str | Pa
 
 def log_weights_picture(model: torch.nn.Module, resolution: int, run_id: str, tracking_uri: str | None = None) -> str:
     """Save the 5x5 weight picture and log it to the run under plots/; returns the artifact path."""
-    from mlpscale.tracking.models import log_artifact
+    from mlpscale import tracking
 
     with tempfile.TemporaryDirectory() as folder:
         picture = save_weights_picture(model, resolution, Path(folder) / PICTURE_NAME)
-        log_artifact(run_id, picture, "plots", tracking_uri=tracking_uri)
+        tracking.log_file_artifact(tracking.client(tracking_uri), run_id, picture, "plots")
     return f"plots/{PICTURE_NAME}"
