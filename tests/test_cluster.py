@@ -165,6 +165,7 @@ def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
         run(["bash", str(REPO / "cluster" / "mlflow_server.sh")], env=mlflow_env)
         wait_for(f"{uri}/health")
 
+        services.ensure_ray_auth_token()  # `ray start` with token auth needs it; a fresh machine has none
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", "100000000"]
         sessions.append(start_ray_node(["--head", "--port", str(ray_port), "--temp-dir", str(ray_temp),
                                         "--include-dashboard", "false", "--resources", '{"head": 1}', *common],

@@ -171,3 +171,14 @@ def test_gpu_workers_share_the_cpus_up_to_eight_each():
     assert ray_cluster.cpus_per_gpu_worker(16, 4) == 4
     assert ray_cluster.cpus_per_gpu_worker(2, 4) == 1
     assert ray_cluster.cpus_per_gpu_worker(6, 0) == 6
+
+
+def test_a_missing_ray_token_is_made_once_readable_by_its_owner_only(tmp_path, monkeypatch):
+    path = tmp_path / "ray" / "auth_token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    assert services.ray_auth_token() is None
+    token = services.ensure_ray_auth_token()
+    assert len(token) == 64 and int(token, 16) >= 0  # Ray's own format: 32 random bytes in hex
+    assert path.read_text() == token and (path.stat().st_mode & 0o777) == 0o600
+    assert services.ensure_ray_auth_token() == token == services.ray_auth_token()

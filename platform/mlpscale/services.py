@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -300,7 +301,8 @@ def _start_ray_head(root: Path, ports: Ports, mlflow_url: str, num_cpus: int | N
         command += ["--num-cpus", str(num_cpus)]
     if num_gpus is not None:
         command += ["--num-gpus", str(num_gpus)]
-    # Token auth explicitly on: the GCS listens on all interfaces; Ray creates ~/.ray/auth_token if missing.
+    # Token auth explicitly on: the GCS listens on all interfaces. `ray start` needs the token to exist already.
+    ensure_ray_auth_token()
     # RAY_API_SERVER_ADDRESS: Ray's state API inside jobs (Train's placement-group cleaner) finds this head
     # without scanning for GCS processes, which fails when other Ray instances run on the machine.
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_url, MLPSCALE_REPO=str(repo_root()), RAY_AUTH_MODE="token",
@@ -349,15 +351,38 @@ def _write_state(root: Path, services: Services) -> None:
     tmp.replace(root / STATE_FILE)
 
 
+def _ray_auth_token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
 def ray_auth_token() -> str | None:
     """Ray's token, where Ray's own clients look: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    path = _ray_auth_token_path()
     try:
         return path.read_text().strip() or None
     except OSError:
         return None
+
+
+def ensure_ray_auth_token() -> str:
+    """Ray's token, made (as `ray get-auth-token --generate` does) where Ray looks when there is none yet.
+
+    `ray start` with token authentication refuses to start without one (unlike `ray.init`), so a fresh
+    machine's first `make up` needs it made first. The file is readable by its owner only.
+    """
+    token = ray_auth_token()
+    if token:
+        return token
+    path = _ray_auth_token_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token)
+    logger.info("made Ray's authentication token in %s", path)
+    return token
 
 
 def _answers(url: str, *, ray_auth: bool = False) -> bool:
