@@ -20,11 +20,10 @@ from mlpscale.config import PretrainConfig, validate
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import dataset_dir, repo_root, split_path
 from mlpscale.services import cpus_per_gpu_worker, ensure_ray
+from mlpscale.train.spec import micro_batch, worker_spec
 
 log = logging.getLogger(__name__)
 
-# Fault injection for tests: poison the training loss in this epoch (read by the driver, passed to workers).
-INJECT_NONFINITE_ENV = "MLPSCALE_INJECT_NONFINITE_EPOCH"
 RUN_FILE = "mlpscale_run.json"  # beside Ray Train's files: the MLflow run a Ray run name belongs to
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
@@ -111,9 +110,9 @@ def dry_run(cfg: PretrainConfig) -> dict[str, Any]:
         precision = resolve_precision(cfg.precision, device)
         device_name = f"cuda ({torch.cuda.get_device_name(0)})" if use_gpu else "cpu"
         device_memory = _device_memory(device)
-    micro_batch = cfg.batch_size // (cfg.accumulation_steps * cfg.num_workers)
+    micro = micro_batch(cfg)
     memory = estimate_training_memory(cfg.arch, resolution=data.resolution,
-                                      num_classes=int(data.meta["num_classes"]), batch_size=micro_batch,
+                                      num_classes=int(data.meta["num_classes"]), batch_size=micro,
                                       optimizer=cfg.optimizer, precision=precision, expansion=cfg.expansion,
                                       normalization=cfg.normalization)
     per_epoch = training_compute(stats["forward_flops"], data.n_train, 1)
@@ -126,7 +125,7 @@ def dry_run(cfg: PretrainConfig) -> dict[str, Any]:
         "compute_total": training_compute(stats["forward_flops"], data.n_train, cfg.epochs),
         "device": device_name,
         "precision": precision,
-        "micro_batch_per_worker": micro_batch,
+        "micro_batch_per_worker": micro,
         "estimated_peak_memory_bytes": memory["total"],
         "estimated_memory_breakdown": memory,
         "device_memory_bytes": device_memory,
@@ -190,20 +189,6 @@ def has_checkpoint(run_dir: Path) -> bool:
     return "checkpoint_" in text
 
 
-def worker_config(cfg: PretrainConfig, data: DataSpec, stats: dict[str, Any], *, run_id: str | None,
-                  tracking_uri: str | None, cpus_per_worker: int | None = None) -> dict[str, Any]:
-    """Everything a worker needs, as plain values (workers may not share the driver's env or cwd)."""
-    return {
-        "cfg": cfg.to_dict(),
-        "train_path": str(data.train_path), "test_path": str(data.test_path),
-        "mean": list(data.meta["mean"]), "std": list(data.meta["std"]),
-        "num_classes": int(data.meta["num_classes"]), "resolution": data.resolution, "n_train": data.n_train,
-        "forward_flops": int(stats["forward_flops"]),
-        "run_id": run_id, "tracking_uri": tracking_uri, "cpus_per_worker": cpus_per_worker,
-        "inject_nonfinite_epoch": int(os.environ.get(INJECT_NONFINITE_ENV, 0) or 0),
-    }
-
-
 def _cpus_per_worker(cfg: PretrainConfig, use_gpu: bool) -> int:
     import ray
 
@@ -262,7 +247,8 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, extra_tags: di
                                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(cfg, data, stats, run_id=run_id, tracking_uri=uri, cpus_per_worker=cpus),
+        train_loop_config=worker_spec(cfg, data, stats, workers=cfg.num_workers, run_id=run_id, tracking_uri=uri,
+                                      cpus_per_worker=cpus).loop_config(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=run_config,

@@ -19,9 +19,10 @@ from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
 from mlpscale.services import cpus_per_gpu_worker, ensure_ray
 from mlpscale.tracking.models import SourceModel, resolve_source
+from mlpscale.train.steps import accuracy_metrics
 from mlpscale.transfer.config import TransferConfig, apply, resolve_mode_defaults, validate
 from mlpscale.transfer.data import DownstreamData, downstream_data
-from mlpscale.transfer.evaluation import accuracy_metrics, tta_logits
+from mlpscale.transfer.evaluation import tta_logits
 from mlpscale.transfer.real_labels import load_real_labels, real_top1
 from mlpscale.transfer.weights_picture import log_weights_picture
 
@@ -132,7 +133,8 @@ def _final_evaluations(cfg: TransferConfig, trainer, outcome, real_labels) -> di
                             mean=data.meta["mean"], std=data.meta["std"], device=outcome.device,
                             scale=cfg.tta_scale, ratio=cfg.tta_ratio, seed=cfg.seed, flip=cfg.tta_flip,
                             num_workers=cfg.loader_workers)
-        logits, labels = tta_logits(outcome.model, loader, cfg.tta, trainer.autocast)
+        logits, labels = tta_logits(outcome.model, loader, cfg.tta, device=outcome.device,
+                                    precision=outcome.precision)
         extra["val_top1_tta"] = accuracy_metrics(logits, labels)["val_top1"]
         if real_labels is not None:
             extra["val_real_top1_tta"] = real_top1(logits.argmax(dim=1), real_labels)

@@ -1,7 +1,7 @@
 """One Tune trial: the trial's pretrain config, its MLflow child run, and a one-worker Ray Train run inside the trial.
 
 The trial creates its own child run (so it works on any node) and reuses the pretraining driver's
-parts (data check, model stats, worker config, final model logging) around the shared worker loop.
+parts (data check, model stats, worker spec, final model logging) around the shared worker loop.
 A trial restarted after the sweep's driver was killed continues its Ray Train run from the last
 checkpoint and its MLflow run, so finished epochs are not trained or logged twice. The same holds
 for a trial restarted after its node was lost (Tune and Ray Train retries, `trial_retries`); a trial
@@ -81,7 +81,8 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mlpscale.train.pretrain import check_data, log_final_model, model_summary, worker_config
+    from mlpscale.train.pretrain import check_data, log_final_model, model_summary
+    from mlpscale.train.spec import worker_spec
 
     trial_id = tune.get_context().get_trial_id()
     uri = context.tracking_uri
@@ -94,12 +95,11 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     stats = model_summary(cfg, data)
     run_id = _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, train_dir, mlflow_client)
 
-    loop_config = worker_config(cfg, data, stats, run_id=run_id, tracking_uri=uri,
-                                cpus_per_worker=context.cpus_per_worker)
-    loop_config["placement_group_run"] = run_id
+    spec = worker_spec(cfg, data, stats, workers=1, run_id=run_id, tracking_uri=uri,
+                       cpus_per_worker=context.cpus_per_worker)
     trainer = TorchTrainer(
         _worker_recording_placement_group,
-        train_loop_config=loop_config,
+        train_loop_config=spec.loop_config(),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=context.use_gpu,
                                      resources_per_worker={"CPU": context.cpus_per_worker,
                                                            **({"GPU": 1} if context.use_gpu else {})}),
@@ -181,13 +181,14 @@ def _worker_recording_placement_group(config: dict[str, Any]):
     import ray
 
     from mlpscale.train.loop import train_loop_per_worker
+    from mlpscale.train.spec import WorkerSpec
 
+    spec = WorkerSpec.from_loop_config(config)
     group = ray.util.get_current_placement_group()
-    run_id = config.pop("placement_group_run", None)
-    if group is not None and run_id and ray.train.get_context().get_world_rank() == 0:
+    if group is not None and spec.run_id and ray.train.get_context().get_world_rank() == 0:
         try:
-            sweeps.record_placement_group(config["tracking_uri"], run_id, group.id.hex())
-            sweeps.record_node(config["tracking_uri"], run_id, ray.get_runtime_context().get_node_id())
+            sweeps.record_placement_group(spec.tracking_uri, spec.run_id, group.id.hex())
+            sweeps.record_node(spec.tracking_uri, spec.run_id, ray.get_runtime_context().get_node_id())
         except Exception as error:  # noqa: BLE001 - bookkeeping must not fail the trial
             log.warning("could not record the placement group: %s", error)
     return train_loop_per_worker(config)
