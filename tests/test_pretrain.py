@@ -100,7 +100,7 @@ def test_nonfinite_loss_marks_the_run_failed_and_keeps_checkpoints(digits_dir, t
 
 
 def test_data_parallel_two_workers(digits_dir, tracking_uri, tmp_path, ray_local):
-    cfg = tiny(digits_dir, tmp_path, run_name="ddp", num_workers=2, epochs=1, schedule="cosine")
+    cfg = tiny(digits_dir, tmp_path, run_name="ddp", num_workers=2, epochs=1, schedule="cosine", log_model=False)
     result = run_pretraining(cfg)
     mlflow_client = tracking.client(tracking_uri)
     assert metric_steps(mlflow_client, result.run_id, "train_loss") == [1]

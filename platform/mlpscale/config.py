@@ -77,6 +77,7 @@ class PretrainConfig:
     run_name: str | None = None
     tracking_uri: str | None = None
     register: str | None = None
+    log_model: bool = True  # false: no MLflow model at the end (checkpoints and the run record stay)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-friendly values (tuples become lists)."""

@@ -281,8 +281,9 @@ def _has_tag(mlflow_client, run_id: str) -> bool:
     return tracking.TAG_FAILURE in mlflow_client.get_run(run_id).data.tags
 
 
-def log_final_model(cfg: PretrainConfig, data: DataSpec, uri: str, run_id: str, checkpoint_path: str) -> str:
-    """Rebuild the model from the final checkpoint and log it (signature, input example, --register)."""
+def log_final_model(cfg: PretrainConfig, data: DataSpec, uri: str, run_id: str, checkpoint_path: str) -> str | None:
+    """Rebuild the model from the final checkpoint, log its weights picture and, unless `log_model` is off,
+    the model (signature, input example, --register); returns the model URI (None without a model)."""
     import numpy as np
 
     from mlpscale.models import build_model
@@ -295,5 +296,7 @@ def log_final_model(cfg: PretrainConfig, data: DataSpec, uri: str, run_id: str, 
                         dropout=cfg.dropout)
     model.load_state_dict(state["model"])
     log_weights_picture(model, data.resolution, run_id, uri)
+    if not cfg.log_model:
+        return None
     example = np.random.default_rng(cfg.seed).standard_normal((2, 3, data.resolution, data.resolution))
     return tracking.log_model(uri, run_id, model, example.astype(np.float32), register=cfg.register)
