@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mlpscale import services
-from mlpscale.train.pretrain import SNAPSHOT_FILE
+from mlpscale.train.runs import SNAPSHOT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 8

@@ -17,7 +17,8 @@ from mlpscale import tracking
 from mlpscale.config import load_config
 from mlpscale.errors import MlpscaleError
 from mlpscale.models import model_stats
-from mlpscale.train.pretrain import RUN_FILE, has_checkpoint, run_pretraining
+from mlpscale.train.pretrain import run_pretraining
+from mlpscale.train.runs import RUN_FILE, has_checkpoint
 
 from faults import nonfinite_loss_worker
 

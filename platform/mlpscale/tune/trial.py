@@ -1,7 +1,7 @@
 """One Tune trial: the trial's pretrain config, its MLflow child run, and a one-worker Ray Train run inside the trial.
 
-The trial creates its own child run (so it works on any node) and reuses the pretraining driver's
-parts (data check, model stats, worker spec, final model logging) around the shared worker loop.
+The trial creates its own child run (so it works on any node), checks its data and counts its model
+with the pretraining driver's functions and trains through the same launcher (train/launch.py).
 A trial restarted after the sweep's driver was killed continues its Ray Train run from the last
 checkpoint and its MLflow run, so finished epochs are not trained or logged twice. The same holds
 for a trial restarted after its node was lost (Tune and Ray Train retries, `trial_retries`); a trial
@@ -77,16 +77,14 @@ def trial_config(context: SweepContext, sampled: dict[str, Any]) -> tuple[Pretra
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     """The Tune function trainable (wrapped with tune.with_parameters(context=...))."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mlpscale.train.pretrain import check_data, log_final_model, model_summary
+    from mlpscale.train.launch import FailureWording, launch
+    from mlpscale.train.pretrain import check_data, model_summary
     from mlpscale.train.spec import worker_spec
 
     trial_id = tune.get_context().get_trial_id()
-    uri = context.tracking_uri
-    mlflow_client = tracking.client(uri)
+    mlflow_client = tracking.client(context.tracking_uri)
     train_dir = Path(context.train_storage) / trial_id
     if _replay_if_done(train_dir, mlflow_client, trial_id):
         return
@@ -94,35 +92,13 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     data = check_data(cfg)
     stats = model_summary(cfg, data)
     run_id = _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, train_dir, mlflow_client)
-
-    spec = worker_spec(cfg, data, stats, workers=1, run_id=run_id, tracking_uri=uri,
+    spec = worker_spec(cfg, data, stats, workers=1, run_id=run_id, tracking_uri=context.tracking_uri,
                        cpus_per_worker=context.cpus_per_worker)
-    trainer = TorchTrainer(
-        _worker_recording_placement_group,
-        train_loop_config=spec.loop_config(),
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=context.use_gpu,
-                                     resources_per_worker={"CPU": context.cpus_per_worker,
-                                                           **({"GPU": 1} if context.use_gpu else {})}),
-        run_config=RunConfig(name=trial_id, storage_path=str(train_dir.parent),
-                             failure_config=FailureConfig(max_failures=context.trial_retries),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             callbacks=[TuneReportCallback()]),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as error:  # the worker crashed or Ray Train gave up
-        reason = f"trial {trial_id} crashed: {type(error).__name__}: {str(error)[:1500]}"
-        tracking.mark_failed(mlflow_client, run_id, reason)
-        raise TrialFailed(reason) from error
-    outcome = result.return_value or {}
-    if outcome.get("status") not in (None, "ok"):
-        reason = outcome.get("reason", outcome.get("status"))
-        if tracking.run_status(mlflow_client, run_id) != "FAILED":
-            tracking.mark_failed(mlflow_client, run_id, reason)
-        raise TrialFailed(f"trial {trial_id} failed: {reason}")
-    if result.checkpoint is not None:
-        log_final_model(cfg, data, uri, run_id, result.checkpoint.path)
-    tracking.finish_run(mlflow_client, run_id)
+    failure = FailureWording(crashed=f"trial {trial_id} crashed", crash_error=TrialFailed,
+                             stop_error=lambda reason: TrialFailed(f"trial {trial_id} failed: {reason}"))
+    launch(spec, name=trial_id, storage_path=train_dir.parent, use_gpu=context.use_gpu,
+           max_failures=context.trial_retries, failure=failure, worker=_worker_recording_placement_group,
+           callbacks=[TuneReportCallback()])
 
 
 def _replay_if_done(train_dir: Path, mlflow_client, trial_id: str) -> bool:
