@@ -268,8 +268,12 @@ def tune_value(value: Any) -> Any:
     return json.dumps(list(value)) if isinstance(value, tuple) else value
 
 
-def from_tune_value(value: Any, annotation: Any) -> Any:
-    """A sampled value back in the config's type (JSON strings of sequence fields become tuples)."""
+def from_tune_value(value: Any, field: str | Any) -> Any:
+    """A sampled value back in the config's type (JSON strings of sequence fields become tuples).
+
+    `field` is a PretrainConfig field name, whose type the config's hints give, or a type annotation.
+    """
+    annotation = pretrain_field_types().get(field, Any) if isinstance(field, str) else field
     if _base_type(annotation) in (tuple, list) and isinstance(value, str):
         return tuple(json.loads(value))
     return value

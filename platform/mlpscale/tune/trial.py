@@ -10,6 +10,7 @@ that ended FAILED (NaN loss, Ray Train gave up) fails again at once when Tune re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,14 +35,13 @@ class TrialFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What every trial needs from the driver, as plain values."""
+    """What every trial needs from the driver: the typed base config and where the sweep runs and tracks."""
 
     sweep_id: str
     parent_run_id: str
     tracking_uri: str
     experiment: str
-    base_config: dict[str, Any]
-    field_types: dict[str, Any]
+    base_config: PretrainConfig
     train_storage: str
     lr_scaling: str = "none"
     base_batch_size: int = 0
@@ -64,11 +64,11 @@ def trial_config(context: SweepContext, sampled: dict[str, Any]) -> tuple[Pretra
     """The trial's validated config (base + sampled values, lr scaled) and the sweep params it adds."""
     from mlpscale.tune.space import from_tune_value
 
-    values = {k: from_tune_value(v, context.field_types.get(k)) for k, v in sampled.items()}
-    cfg = validate(apply(PretrainConfig(), {**context.base_config, **values}))
+    values = {name: from_tune_value(value, name) for name, value in sampled.items()}
+    cfg = validate(apply(context.base_config, values))
     base_lr = cfg.lr
     lr = scale_lr(base_lr, cfg.batch_size, context.base_batch_size, context.lr_scaling)
-    cfg = validate(apply(cfg, {"lr": lr, "experiment": context.experiment, "tracking_uri": context.tracking_uri}))
+    cfg = validate(dataclasses.replace(cfg, lr=lr, experiment=context.experiment, tracking_uri=context.tracking_uri))
     extra = {"lr_scaling": context.lr_scaling, "base_lr": base_lr,
              "base_batch_size": context.base_batch_size or cfg.batch_size}
     return cfg, extra
