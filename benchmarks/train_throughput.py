@@ -49,10 +49,10 @@ from mlpscale.data.meta import write_meta
 from mlpscale.models import build_model
 from mlpscale.train.losses import mixup_cross_entropy
 from mlpscale.train.optim import build_optimizer
-from mlpscale.train.loop import train_epoch
 from mlpscale.train.precision import autocast, enable_fast_matmul, resolve_precision
 from mlpscale.train.pretrain import run_pretraining
 from mlpscale.train.schedule import build_scheduler
+from mlpscale.train.steps import train_epoch
 
 DATASET = "synthetic"
 CROP_SCALE = (0.08, 1.0)
@@ -156,9 +156,8 @@ def loader_loop_throughput(args, device: torch.device, root: Path) -> list[float
                           num_workers=args.loader_workers or default_threads(device, os.cpu_count()))
     if args.prefetch:
         loader.prefetch = True
-    cfg = {"accumulation_steps": args.accumulation_steps, "label_smoothing": 0.0, "grad_clip": 0.0}
-    return [train_epoch(model, loader, optimizer, scheduler, cfg, device, precision)["throughput_img_s"]
-            for _ in range(args.epochs)]
+    return [train_epoch(model, loader, optimizer, scheduler, device=device, precision=precision,
+                        accumulation_steps=args.accumulation_steps).throughput_img_s for _ in range(args.epochs)]
 
 
 def ray_train_bound(args) -> tuple[float, float, float]:

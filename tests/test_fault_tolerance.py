@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mlpscale import services
-from mlpscale.train.pretrain import SNAPSHOT_FILE
+from mlpscale.train.runs import SNAPSHOT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 8
@@ -32,7 +32,8 @@ RUN_NAME = "fault-run"
 def job_overrides(data_root: Path, storage: Path) -> dict:
     return {"arch": "B_2-Wi_64", "n_train": 600, "epochs": EPOCHS, "batch_size": 32, "schedule": "none",
             "loader_workers": 1, "checkpoint_every": 1, "keep_checkpoints": 2, "max_failures": 2,
-            "data_dir": str(data_root), "storage_path": str(storage), "experiment": EXPERIMENT, "run_name": RUN_NAME}
+            "data_dir": str(data_root), "storage_path": str(storage), "experiment": EXPERIMENT, "run_name": RUN_NAME,
+            "log_model": False}
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, float]:

@@ -17,7 +17,10 @@ from mlpscale import tracking
 from mlpscale.config import load_config
 from mlpscale.errors import MlpscaleError
 from mlpscale.models import model_stats
-from mlpscale.train.pretrain import INJECT_NONFINITE_ENV, RUN_FILE, has_checkpoint, run_pretraining
+from mlpscale.train.pretrain import run_pretraining
+from mlpscale.train.runs import RUN_FILE, has_checkpoint
+
+from faults import nonfinite_loss_worker
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pretrain_job", REPO / "jobs" / "pretrain.py")
@@ -83,7 +86,8 @@ def test_end_to_end_run_record_model_and_resume(digits_dir, tracking_uri, tmp_pa
 
 def test_nonfinite_loss_marks_the_run_failed_and_keeps_checkpoints(digits_dir, tracking_uri, tmp_path,
                                                                     ray_local, monkeypatch):
-    monkeypatch.setenv(INJECT_NONFINITE_ENV, "2")
+    # the loss turns NaN at the first step of epoch 2 (epoch 1 has 300 // 64 steps of 64 of the 300 digits)
+    monkeypatch.setattr("mlpscale.train.loop.train_loop_per_worker", nonfinite_loss_worker(after_steps=300 // 64))
     cfg = tiny(digits_dir, tmp_path, run_name="nan", arch="S_1-Wi_16")
     with pytest.raises(MlpscaleError, match="non-finite"):
         run_pretraining(cfg)
@@ -97,7 +101,7 @@ def test_nonfinite_loss_marks_the_run_failed_and_keeps_checkpoints(digits_dir, t
 
 
 def test_data_parallel_two_workers(digits_dir, tracking_uri, tmp_path, ray_local):
-    cfg = tiny(digits_dir, tmp_path, run_name="ddp", num_workers=2, epochs=1, schedule="cosine")
+    cfg = tiny(digits_dir, tmp_path, run_name="ddp", num_workers=2, epochs=1, schedule="cosine", log_model=False)
     result = run_pretraining(cfg)
     mlflow_client = tracking.client(tracking_uri)
     assert metric_steps(mlflow_client, result.run_id, "train_loss") == [1]

@@ -17,7 +17,7 @@ ARCHS, SUBSETS = ["B_1-Wi_16", "B_2-Wi_32"], [300, 600]
 def tiny_overrides(digits_dir, tmp_path, uri) -> dict:
     return {"dataset": "digits", "resolution": 16, "data_dir": str(digits_dir), "epochs": 2, "batch_size": 64,
             "loader_workers": 1, "storage_path": str(tmp_path / "ray"), "tracking_uri": uri,
-            "experiment": "grid", "precision": "fp32"}
+            "experiment": "grid", "precision": "fp32", "log_model": False}
 
 
 def test_grid_then_fit_reads_every_trial(digits_dir, tmp_path, tracking_uri, ray_local):

@@ -121,3 +121,20 @@ def test_cli_rejects_bad_input_before_any_trial(tmp_path, tracking_uri, capsys):
     assert job.main([]) == 2
     assert "--space" in capsys.readouterr().err
     assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").iterdir())
+
+
+def test_a_trial_applies_its_sampled_values_to_the_typed_base_config():
+    from mlpscale.tune.space import tune_value
+    from mlpscale.tune.trial import SweepContext, trial_config
+
+    base = PretrainConfig(epochs=4, batch_size=32, lr=1e-3, experiment="base-exp")
+    context = SweepContext(sweep_id="s", parent_run_id="p", tracking_uri="sqlite:///x.db", experiment="sweeps",
+                           base_config=base, train_storage="/tmp/train", lr_scaling="linear", base_batch_size=32)
+    sampled = {"lr": 2e-3, "batch_size": 64, "crop_scale": tune_value((0.08, 1.0))}  # as Tune hands them over
+    cfg, extra = trial_config(context, sampled)
+    assert cfg.crop_scale == (0.08, 1.0) and cfg.batch_size == 64 and cfg.epochs == 4
+    assert cfg.lr == pytest.approx(4e-3) and extra == {"lr_scaling": "linear", "base_lr": 2e-3, "base_batch_size": 32}
+    assert (cfg.experiment, cfg.tracking_uri) == ("sweeps", "sqlite:///x.db")
+    assert base.lr == 1e-3 and base.crop_scale == (0.5, 1.0)  # the base is not changed
+    with pytest.raises(MlpscaleError, match="batch_size"):
+        trial_config(context, {"batch_size": "many"})

@@ -185,7 +185,12 @@ def test_tta_one_full_crop_equals_plain_evaluation_and_k_crops_average(pretraine
     from mlpscale.data.loaders import eval_loader, tta_loader
     from mlpscale.data.meta import load_meta
     from mlpscale.tracking.models import resolve_source
-    from mlpscale.transfer.evaluation import predict, tta_logits
+    from mlpscale.train.steps import evaluate
+    from mlpscale.transfer.evaluation import tta_logits
+
+    def predict(model, batches):
+        evaluation = evaluate(model, batches, keep_logits=True)
+        return evaluation.logits, evaluation.labels
 
     model = resolve_source(pretrained.run_id, store).model
     root = downstream[0]
@@ -261,6 +266,23 @@ def test_checkpoint_directory_source_matches_logged_model(pretrained, store):
         "B_2-Wi_32", 16, pretrained.run_id)
     for key, value in from_run.model.state_dict().items():
         assert torch.equal(from_checkpoint.model.state_dict()[key], value), key
+
+
+def test_a_nonfinite_loss_fails_the_run_naming_the_learning_rates(pretrained, downstream, store):
+    from mlpscale.transfer.run import run_transfer
+
+    # lr 1e30 overflows the fine-tuned weights within the first epoch
+    cfg = transfer_config(pretrained, downstream, store, mode="finetune", lr_head=1e30, lr_body=1e30, epochs=1,
+                          run_name="nan-finetune")
+    with pytest.raises(MlpscaleError, match="non-finite training loss in epoch 1.*lower lr_head"):
+        run_transfer(cfg)
+    mlflow_client = tracking.client(store)
+    [run] = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("transfer-test").experiment_id],
+                                      filter_string="attributes.run_name = 'nan-finetune'")
+    assert run.info.status == "FAILED"
+    reason = run.data.tags[tracking.TAG_FAILURE]
+    assert "non-finite" in reason and "lr_head (now 1e+30)" in reason and "lr_body (now 1e+30)" in reason
+    assert not mlflow_client.get_metric_history(run.info.run_id, "val_top1")  # no epoch was logged
 
 
 def test_bad_sources_data_and_options(pretrained, downstream, store, tmp_path):

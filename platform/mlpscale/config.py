@@ -90,6 +90,8 @@ class PretrainConfig(RunConfig):
                                              "mlflow.db at the repo root")
     register: str | None = setting(None, "also register the final model in the MLflow model registry under this "
                                          "name; none: only log it")
+    log_model: bool = setting(True, "log the final model to the MLflow run at the end; false: none (checkpoints "
+                                    "and the run record stay; nothing to register)")
 
     @property
     def image_resolution(self) -> int:

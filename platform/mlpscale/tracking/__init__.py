@@ -213,6 +213,8 @@ def log_model(uri: str, run_id: str, model, input_example, *, register: str | No
               name: str = "model") -> str:
     """Log a torch model (PyTorch flavour, signature and input example) to the run; register it when asked.
 
+    The run's status is left as it is: the caller ends the run once, when the job is done (a fluent
+    `start_run` block here would mark it FINISHED before the job finished).
     Returns the model URI that `mlflow.pytorch.load_model` accepts.
     """
     import mlflow
@@ -227,10 +229,11 @@ def log_model(uri: str, run_id: str, model, input_example, *, register: str | No
         output = model(torch.from_numpy(example)).float().numpy()
     signature = infer_signature(example, output)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as _:
-        info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example,
-                                        registered_model_name=register, serialization_format="pickle",
-                                        pip_requirements=_model_requirements())
+    # the logged model is filed under the fluent experiment: the run's, not the default one
+    mlflow.set_experiment(experiment_id=client(uri).get_run(run_id).info.experiment_id)
+    info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example,
+                                    registered_model_name=register, serialization_format="pickle",
+                                    pip_requirements=_model_requirements(), run_id=run_id)
     return info.model_uri
 
 

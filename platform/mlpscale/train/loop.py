@@ -1,5 +1,6 @@
 """The Ray Train worker function: build model, loaders and optimizer, train, evaluate, report every epoch.
 
+Each worker gets one typed `WorkerSpec` (train/spec.py) and trains with the shared steps (train/steps.py).
 Rank 0 logs each epoch to the MLflow run (step = epoch) unless that epoch is already there (a
 restarted worker or `--resume`), and writes a checkpoint every `checkpoint_every` epochs and at
 the end. A non-finite loss or a CUDA OOM ends training on every rank with a returned status
@@ -8,7 +9,6 @@ instead of an exception, so Ray Train does not retry a run that cannot succeed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import time
@@ -18,27 +18,17 @@ import torch
 import torch.distributed as dist
 
 from mlpscale import tracking
+from mlpscale.config import PretrainConfig
 from mlpscale.errors import MlpscaleError
 from mlpscale.models import build_model, estimate_training_memory, training_compute
 from mlpscale.train.checkpoint import load_state, save_state, set_rng_state
-from mlpscale.train.losses import mixup_cross_entropy, mixup_correct
 from mlpscale.train.optim import build_optimizer
-from mlpscale.train.precision import autocast, enable_fast_matmul, resolve_precision
+from mlpscale.train.precision import enable_fast_matmul, resolve_precision
 from mlpscale.train.schedule import build_scheduler
+from mlpscale.train.spec import WorkerSpec, micro_batch
+from mlpscale.train.steps import NonFiniteLoss, evaluate, train_epoch
 
 log = logging.getLogger(__name__)
-
-NONFINITE_CHECK_EVERY = 100  # optimizer steps between host syncs of the running loss
-
-
-class NonFiniteLoss(Exception):
-    pass
-
-
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-    return values
 
 
 def drop_single_worker_process_group(world_size: int) -> None:
@@ -57,78 +47,60 @@ def _device() -> torch.device:
     return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
 
 
-def suggest_accumulation(config: dict[str, Any], device: torch.device) -> str:
+def suggest_accumulation(spec: WorkerSpec, device: torch.device, precision: str) -> str:
     """A sentence naming the smallest accumulation_steps whose micro-batch fits the device (estimate)."""
-    cfg = config["cfg"]
+    cfg = spec.cfg
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    per_rank = cfg["batch_size"] // cfg["num_workers"]
-    steps = cfg["accumulation_steps"] * 2
-    while total and steps <= per_rank:
-        if per_rank % steps == 0:
+    per_worker = micro_batch(cfg, spec.workers, accumulation_steps=1)
+    steps = cfg.accumulation_steps * 2
+    while total and steps <= per_worker:
+        if per_worker % steps == 0:
             estimate = estimate_training_memory(
-                cfg["arch"], resolution=config["resolution"], num_classes=config["num_classes"],
-                batch_size=per_rank // steps, optimizer=cfg["optimizer"], precision=config["precision"],
-                expansion=cfg["expansion"], normalization=cfg["normalization"])
+                cfg.arch, resolution=spec.resolution, num_classes=spec.num_classes,
+                batch_size=micro_batch(cfg, spec.workers, accumulation_steps=steps), optimizer=cfg.optimizer,
+                precision=precision, expansion=cfg.expansion, normalization=cfg.normalization)
             if estimate["total"] < 0.8 * total:
                 break
         steps *= 2
-    return f"try --accumulation-steps {min(steps, per_rank)} (same effective batch, smaller micro-batches)"
-
-
-def _evaluate(model, loader, device, precision: str, num_classes: int) -> dict[str, float]:
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
-    k = min(5, num_classes)
-    with torch.no_grad(), autocast(device, precision):
-        for batch in loader:
-            logits = model(batch.images).float()
-            labels = batch.labels
-            sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-            top = logits.topk(k, dim=1).indices
-            sums[1] += (top[:, 0] == labels).sum()
-            sums[2] += (top == labels[:, None]).any(dim=1).sum()
-            sums[3] += labels.numel()
-    sums = _all_reduce(sums).tolist()
-    count = max(sums[3], 1.0)
-    return {"val_loss": sums[0] / count, "val_top1": sums[1] / count, "val_top5": sums[2] / count}
+    return f"try --accumulation-steps {min(steps, per_worker)} (same effective batch, smaller micro-batches)"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point; `config` is what `pretrain.worker_config` builds."""
+    """Ray Train entry point; `config` is `WorkerSpec.loop_config()`."""
     import ray.train
     import ray.train.torch
 
     from mlpscale.data.loaders import default_threads, eval_loader, train_loader
 
-    cfg = config["cfg"]
+    spec = WorkerSpec.from_loop_config(config)
+    cfg = spec.cfg
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     drop_single_worker_process_group(world)
     device = _device()
-    if device.type == "cpu" and config.get("cpus_per_worker"):
-        torch.set_num_threads(int(config["cpus_per_worker"]))
+    if device.type == "cpu" and spec.cpus_per_worker:
+        torch.set_num_threads(int(spec.cpus_per_worker))
     enable_fast_matmul(device)
-    precision = resolve_precision(cfg["precision"], device)
-    config = {**config, "precision": precision}
-    torch.manual_seed(cfg["seed"] + rank)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed + rank)
 
     # On the device before the optimizer exists: its state (moments) is loaded onto its parameters' device.
-    model = build_model(cfg["arch"], resolution=config["resolution"], num_classes=config["num_classes"],
-                        expansion=cfg["expansion"], activation=cfg["activation"],
-                        normalization=cfg["normalization"], dropout=cfg["dropout"]).to(device)
-    micro_batch = cfg["batch_size"] // (cfg["accumulation_steps"] * world)
-    threads = cfg["loader_workers"] or default_threads(device, config.get("cpus_per_worker"))
-    loader_args = dict(resolution=config["resolution"], mean=config["mean"], std=config["std"], device=device,
+    model = build_model(cfg.arch, resolution=spec.resolution, num_classes=spec.num_classes,
+                        expansion=cfg.expansion, activation=cfg.activation,
+                        normalization=cfg.normalization, dropout=cfg.dropout).to(device)
+    micro = spec.micro_batch
+    threads = cfg.loader_workers or default_threads(device, spec.cpus_per_worker)
+    loader_args = dict(resolution=spec.resolution, mean=list(spec.mean), std=list(spec.std), device=device,
                        num_workers=threads, distributed=world > 1)
-    train_data = train_loader(config["train_path"], batch_size=micro_batch, scale=tuple(cfg["crop_scale"]),
-                              ratio=tuple(cfg["crop_ratio"]), flip=cfg["flip"], mixup_alpha=cfg["mixup_alpha"],
-                              seed=cfg["seed"], order=cfg["order"], drop_last=True, **loader_args)
-    val_data = eval_loader(config["test_path"], batch_size=max(micro_batch, 256), **loader_args)
-    steps_per_epoch = max(1, len(train_data) // cfg["accumulation_steps"])
-    optimizer = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                momentum=cfg["momentum"])
-    scheduler = build_scheduler(optimizer, cfg["schedule"], total_steps=steps_per_epoch * cfg["epochs"],
-                                warmup_steps=int(round(cfg["warmup_epochs"] * steps_per_epoch)))
+    train_data = train_loader(spec.train_path, batch_size=micro, scale=tuple(cfg.crop_scale),
+                              ratio=tuple(cfg.crop_ratio), flip=cfg.flip, mixup_alpha=cfg.mixup_alpha,
+                              seed=cfg.seed, order=cfg.order, drop_last=True, **loader_args)
+    val_data = eval_loader(spec.test_path, batch_size=max(micro, 256), **loader_args)
+    steps_per_epoch = max(1, len(train_data) // cfg.accumulation_steps)
+    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=steps_per_epoch * cfg.epochs,
+                                warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)))
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -142,114 +114,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:  # the checkpoint holds rank 0's RNG states; the other ranks draw afresh, still per rank
             set_rng_state(state["rng"])
         else:
-            torch.manual_seed(cfg["seed"] + rank + 1_000_003 * start_epoch)
+            torch.manual_seed(cfg.seed + rank + 1_000_003 * start_epoch)
         log.info("resuming from epoch %d", start_epoch)
 
     model = ray.train.torch.prepare_model(model) if world > 1 else model
-    train_model = torch.compile(model) if cfg["compile"] else model
+    train_model = torch.compile(model) if cfg.compile else model
 
-    run_id, mlflow_client, last_logged = config.get("run_id"), None, 0
+    run_id, mlflow_client, last_logged = spec.run_id, None, 0
     if rank == 0 and run_id:
-        mlflow_client = tracking.client(config["tracking_uri"])
+        mlflow_client = tracking.client(spec.tracking_uri)
         last_logged = tracking.last_logged_epoch(mlflow_client, run_id)
 
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         if hasattr(train_data, "set_epoch"):
             train_data.set_epoch(epoch)
         try:
-            poison = epoch == config.get("inject_nonfinite_epoch")
-            train_metrics = train_epoch(train_model, train_data, optimizer, scheduler, cfg, device, precision,
-                                         poison=poison)
+            trained = train_epoch(train_model, train_data, optimizer, scheduler, device=device, precision=precision,
+                                  label_smoothing=cfg.label_smoothing, accumulation_steps=cfg.accumulation_steps,
+                                  grad_clip=cfg.grad_clip)
         except NonFiniteLoss as error:
-            reason = f"non-finite training loss in epoch {epoch}: {error}; lower lr (now {cfg['lr']}) or set grad_clip"
+            reason = f"non-finite training loss in epoch {epoch}: {error}; lower lr (now {cfg.lr}) or set grad_clip"
             return _stop(reason, "nonfinite", mlflow_client, run_id, rank)
         except torch.cuda.OutOfMemoryError as error:
-            reason = (f"out of GPU memory with micro-batch {micro_batch} for {cfg['arch']}; "
-                      + suggest_accumulation(config, device))
+            reason = (f"out of GPU memory with micro-batch {micro} for {cfg.arch}; "
+                      + suggest_accumulation(spec, device, precision))
             if world > 1:  # the other ranks wait for this one in a collective: Ray Train must stop the group
                 raise MlpscaleError(reason) from error
             return _stop(reason, "oom", mlflow_client, run_id, rank)
-        val_metrics = _evaluate(model, val_data, device, precision, config["num_classes"])
-        metrics = {**train_metrics, **val_metrics,
-                   "compute_flops": float(training_compute(config["forward_flops"], config["n_train"], epoch))}
+        evaluation = evaluate(model, val_data, device=device, precision=precision)
+        metrics = {**trained.metrics(), **evaluation.metrics,
+                   "compute_flops": float(training_compute(spec.forward_flops, spec.n_train, epoch))}
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
         metrics = {key: metrics[key] for key in tracking.EPOCH_METRICS}
         if mlflow_client is not None and epoch > last_logged:
             tracking.log_epoch_metrics(mlflow_client, run_id, metrics, epoch)
-        log.info("epoch %d/%d %s", epoch, cfg["epochs"], {k: round(v, 4) for k, v in metrics.items()})
+        log.info("epoch %d/%d %s", epoch, cfg.epochs, {k: round(v, 4) for k, v in metrics.items()})
         _report(metrics, epoch, model, optimizer, scheduler, cfg, run_id, rank)
     return {"status": "ok", "metrics": metrics}
 
 
-def train_epoch(model, loader, optimizer, scheduler, cfg, device, precision, poison=False) -> dict[str, float]:
-    """One pass over `loader`: loss, top-1 and the img/s of the pass (no host sync per step)."""
-    model.train()
-    start = time.perf_counter()
-    accumulation = cfg["accumulation_steps"]
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss*n, correct, n
-    running = torch.zeros((), device=device)
-    optimizer.zero_grad(set_to_none=True)
-    steps = 0
-    for index, batch in enumerate(loader):
-        last_micro = (index + 1) % accumulation == 0
-        sync = getattr(model, "no_sync", None)
-        with (sync() if (sync is not None and not last_micro) else contextlib.nullcontext()):
-            with autocast(device, precision):
-                logits = model(batch.images)
-                loss = mixup_cross_entropy(logits.float(), batch.labels, batch.labels_mixed, batch.lam,
-                                           cfg["label_smoothing"])
-            if poison:
-                loss = loss * float("nan")
-            (loss / accumulation).backward()
-        n = batch.labels.numel()
-        detached = loss.detach()
-        running += detached
-        sums[0] += detached.double() * n
-        sums[1] += mixup_correct(logits.detach(), batch.labels, batch.labels_mixed, batch.lam).double()
-        sums[2] += n
-        if not last_micro:
-            continue
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps += 1
-        if steps % NONFINITE_CHECK_EVERY == 0 and not _all_finite(running):
-            raise NonFiniteLoss(f"loss became {running.item()} by step {steps}")
-    if not _all_finite(running):
-        raise NonFiniteLoss(f"epoch loss sum is {running.item()}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    totals = _all_reduce(sums).tolist()
-    count = max(totals[2], 1.0)
-    return {"train_loss": totals[0] / count, "train_top1": totals[1] / count,
-            "throughput_img_s": totals[2] / max(elapsed, 1e-9)}
-
-
-def _all_finite(value: torch.Tensor) -> bool:
-    flag = torch.isfinite(value).to(torch.float32).reshape(1)
-    _all_reduce_min(flag)
-    return bool(flag.item())
-
-
-def _all_reduce_min(value: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-
-
-def _report(metrics, epoch, model, optimizer, scheduler, cfg, run_id, rank) -> None:
+def _report(metrics, epoch, model, optimizer, scheduler, cfg: PretrainConfig, run_id, rank) -> None:
     import ray.train
 
     payload = {**metrics, "epoch": epoch}
-    save = epoch % cfg["checkpoint_every"] == 0 or epoch == cfg["epochs"]
+    save = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
     if rank == 0 and save:
         with tempfile.TemporaryDirectory() as directory:
             save_state(directory, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                       run_id=run_id, config=cfg)
+                       run_id=run_id, config=cfg.to_dict())
             ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(directory))
     else:
         ray.train.report(payload)
@@ -261,5 +175,3 @@ def _stop(reason: str, status: str, mlflow_client, run_id, rank) -> dict[str, An
     if rank == 0 and mlflow_client is not None:
         tracking.mark_failed(mlflow_client, run_id, reason)
     return {"status": status, "reason": reason}
-
-

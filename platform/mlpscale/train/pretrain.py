@@ -1,16 +1,14 @@
-"""The pretraining driver: check config and data, open the MLflow run, run the Ray Train job, log the model.
+"""The pretraining driver: check config and data, open (or reopen) the MLflow run, launch the Ray Train job.
 
-`run_pretraining(cfg)` is what jobs/pretrain.py, Tune trials and the scaling grid call;
-`dry_run(cfg)` answers "what would this cost" without training.
+`run_pretraining(cfg)` is what jobs/pretrain.py calls (Tune trials and the scaling grid reuse its
+data check and model summary around the same launcher, train/launch.py); `dry_run(cfg)` answers
+"what would this cost" without training. Run names, storage and `--resume` live in train/runs.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +16,13 @@ from typing import Any
 from mlpscale import tracking
 from mlpscale.config import PretrainConfig, validate
 from mlpscale.errors import MlpscaleError
-from mlpscale.paths import dataset_dir, repo_root, split_path
+from mlpscale.paths import dataset_dir, split_path
 from mlpscale.ray_cluster import cpus_per_gpu_worker, ensure_ray
+from mlpscale.train import runs
+from mlpscale.train.launch import FailureWording, launch
+from mlpscale.train.spec import micro_batch, worker_spec
 
 log = logging.getLogger(__name__)
-
-# Fault injection for tests: poison the training loss in this epoch (read by the driver, passed to workers).
-INJECT_NONFINITE_ENV = "MLPSCALE_INJECT_NONFINITE_EPOCH"
-RUN_FILE = "mlpscale_run.json"  # beside Ray Train's files: the MLflow run a Ray run name belongs to
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 @dataclass
@@ -111,9 +107,9 @@ def dry_run(cfg: PretrainConfig) -> dict[str, Any]:
         precision = resolve_precision(cfg.precision, device)
         device_name = f"cuda ({torch.cuda.get_device_name(0)})" if use_gpu else "cpu"
         device_memory = _device_memory(device)
-    micro_batch = cfg.batch_size // (cfg.accumulation_steps * cfg.num_workers)
+    micro = micro_batch(cfg)
     memory = estimate_training_memory(cfg.arch, resolution=data.resolution,
-                                      num_classes=int(data.meta["num_classes"]), batch_size=micro_batch,
+                                      num_classes=int(data.meta["num_classes"]), batch_size=micro,
                                       optimizer=cfg.optimizer, precision=precision, expansion=cfg.expansion,
                                       normalization=cfg.normalization)
     per_epoch = training_compute(stats["forward_flops"], data.n_train, 1)
@@ -126,7 +122,7 @@ def dry_run(cfg: PretrainConfig) -> dict[str, Any]:
         "compute_total": training_compute(stats["forward_flops"], data.n_train, cfg.epochs),
         "device": device_name,
         "precision": precision,
-        "micro_batch_per_worker": micro_batch,
+        "micro_batch_per_worker": micro,
         "estimated_peak_memory_bytes": memory["total"],
         "estimated_memory_breakdown": memory,
         "device_memory_bytes": device_memory,
@@ -162,48 +158,6 @@ def _use_gpu(cfg: PretrainConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def storage_root(cfg: PretrainConfig) -> Path:
-    """Where Ray Train keeps runs and checkpoints: --storage-path or <repo>/ray_results (absolute).
-
-    Only local paths and shared mounts are supported: every node of a cluster must see the same path.
-    """
-    if cfg.storage_path and "://" in cfg.storage_path:
-        raise MlpscaleError(f"storage_path={cfg.storage_path!r}: URIs are not supported yet; use a path that "
-                            "every node reaches (a shared mount such as /mnt/shared/ray_results)")
-    return Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else repo_root() / "ray_results"
-
-
-def default_run_name(cfg: PretrainConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"pretrain-{cfg.dataset}-{cfg.arch}-{stamp}-{int(time.time() * 1e3) % 1000:03d}")
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    """True when Ray Train registered at least one checkpoint of this run."""
-    snapshot = run_dir / SNAPSHOT_FILE
-    if not snapshot.is_file():
-        return False
-    try:
-        text = snapshot.read_text()
-    except OSError:
-        return False
-    return "checkpoint_" in text
-
-
-def worker_config(cfg: PretrainConfig, data: DataSpec, stats: dict[str, Any], *, run_id: str | None,
-                  tracking_uri: str | None, cpus_per_worker: int | None = None) -> dict[str, Any]:
-    """Everything a worker needs, as plain values (workers may not share the driver's env or cwd)."""
-    return {
-        "cfg": cfg.to_dict(),
-        "train_path": str(data.train_path), "test_path": str(data.test_path),
-        "mean": list(data.meta["mean"]), "std": list(data.meta["std"]),
-        "num_classes": int(data.meta["num_classes"]), "resolution": data.resolution, "n_train": data.n_train,
-        "forward_flops": int(stats["forward_flops"]),
-        "run_id": run_id, "tracking_uri": tracking_uri, "cpus_per_worker": cpus_per_worker,
-        "inject_nonfinite_epoch": int(os.environ.get(INJECT_NONFINITE_ENV, 0) or 0),
-    }
-
-
 def _cpus_per_worker(cfg: PretrainConfig, use_gpu: bool) -> int:
     import ray
 
@@ -212,102 +166,46 @@ def _cpus_per_worker(cfg: PretrainConfig, use_gpu: bool) -> int:
 
 
 def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, extra_tags: dict[str, str] | None = None,
-                    extra_params: dict[str, Any] | None = None, run_config=None) -> PretrainResult:
+                    extra_params: dict[str, Any] | None = None) -> PretrainResult:
     """Train `cfg` as a Ray Train job tracked in one MLflow run; MlpscaleError for user errors and failures."""
     validate(cfg)
     data = check_data(cfg)
     stats = model_summary(cfg, data)
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
-
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-
-    storage = storage_root(cfg)
-    name = run_config.name if run_config is not None else (cfg.run_name or default_run_name(cfg))
+    storage = runs.storage_root(cfg)
+    name = runs.run_name(cfg)
     run_dir = storage / name
-    run_file = run_dir / RUN_FILE
     mlflow_client = tracking.client(uri)
     if resume:
-        if not run_file.is_file():
-            raise MlpscaleError(f"nothing to resume for run name {name!r}: no {RUN_FILE} under {run_dir}; "
-                                "pass the --run-name (and --storage-path) of an interrupted run")
-        run_id = json.loads(run_file.read_text())["run_id"]
-        experiment_id = mlflow_client.get_run(run_id).info.experiment_id
-        tracking.mark_running(mlflow_client, run_id)
-        if _has_tag(mlflow_client, run_id):
-            mlflow_client.delete_tag(run_id, tracking.TAG_FAILURE)
-        log.info("resuming Ray run %s into MLflow run %s", name, run_id)
+        run_id, experiment_id = runs.reopen_run(mlflow_client, run_dir)
     else:
-        if run_file.is_file() or has_checkpoint(run_dir):
-            raise MlpscaleError(f"run name {name!r} already exists under {storage}; pass --resume to continue it "
-                                "or choose another --run-name")
-        tags = {tracking.TAG_JOB: "pretrain", tracking.TAG_RAY_RUN: name, **(extra_tags or {})}
-        params = {**tracking.run_record_params(cfg, stats, data.meta), **(extra_params or {})}
-        run_id, experiment_id = tracking.start_run(uri, cfg.experiment, run_name=cfg.run_name or name, tags=tags,
-                                                   params=params)
-        tracking.log_dict_artifact(mlflow_client, run_id, cfg.to_dict(), "config.yaml")
-        tracking.log_dict_artifact(mlflow_client, run_id, data.meta, "meta.json")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}))
+        runs.refuse_taken_name(run_dir)
+        run_id, experiment_id = _start_run(cfg, data, stats, uri, name, extra_tags, extra_params)
+        runs.record_run(run_dir, run_id=run_id, tracking_uri=uri, experiment_id=experiment_id)
 
     ensure_ray()
     use_gpu = _use_gpu(cfg)
-    cpus = _cpus_per_worker(cfg, use_gpu)
-    from ray.train.torch import TorchTrainer
-
-    from mlpscale.train.loop import train_loop_per_worker
-
-    if run_config is None:
-        run_config = RunConfig(name=name, storage_path=str(storage),
-                               failure_config=FailureConfig(max_failures=cfg.max_failures),
-                               checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=worker_config(cfg, data, stats, run_id=run_id, tracking_uri=uri, cpus_per_worker=cpus),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
-        run_config=run_config,
-    )
-    try:
-        result = trainer.fit()
-    except Exception as error:  # Ray Train gave up (worker errors past max_failures, controller failure)
-        reason = f"training failed: {type(error).__name__}: {str(error)[:1500]}"
-        tracking.mark_failed(mlflow_client, run_id, reason)
-        raise MlpscaleError(f"{reason}; MLflow run {run_id} marked FAILED; fix the cause and continue with "
-                            f"--resume --run-name {name}") from error
-    outcome = result.return_value or {}
-    if outcome.get("status") not in (None, "ok"):
-        if tracking.run_status(mlflow_client, run_id) != "FAILED":
-            tracking.mark_failed(mlflow_client, run_id, outcome.get("reason", outcome["status"]))
-        raise MlpscaleError(f"{outcome.get('reason')}; MLflow run {run_id} marked FAILED, checkpoints kept in "
-                            f"{run_dir}")
-    final_metrics = dict(outcome.get("metrics") or {})
-    if not final_metrics and result.metrics:
-        final_metrics = {k: v for k, v in result.metrics.items() if k in tracking.EPOCH_METRICS}
-    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
-    model_uri = None
-    if checkpoint_path:
-        model_uri = log_final_model(cfg, data, uri, run_id, checkpoint_path)
-    tracking.finish_run(mlflow_client, run_id)
-    return PretrainResult(run_id, experiment_id, final_metrics, checkpoint_path, model_uri)
+    spec = worker_spec(cfg, data, stats, workers=cfg.num_workers, run_id=run_id, tracking_uri=uri,
+                       cpus_per_worker=_cpus_per_worker(cfg, use_gpu))
+    failure = FailureWording(
+        crashed="training failed",
+        crash_error=lambda reason: MlpscaleError(f"{reason}; MLflow run {run_id} marked FAILED; fix the cause and "
+                                                 f"continue with --resume --run-name {name}"),
+        stop_error=lambda reason: MlpscaleError(f"{reason}; MLflow run {run_id} marked FAILED, checkpoints kept in "
+                                                f"{run_dir}"))
+    launched = launch(spec, name=name, storage_path=storage, use_gpu=use_gpu, max_failures=cfg.max_failures,
+                      failure=failure)
+    return PretrainResult(run_id, experiment_id, launched.metrics, launched.checkpoint_path, launched.model_uri)
 
 
-def _has_tag(mlflow_client, run_id: str) -> bool:
-    return tracking.TAG_FAILURE in mlflow_client.get_run(run_id).data.tags
-
-
-def log_final_model(cfg: PretrainConfig, data: DataSpec, uri: str, run_id: str, checkpoint_path: str) -> str:
-    """Rebuild the model from the final checkpoint and log it (signature, input example, --register)."""
-    import numpy as np
-
-    from mlpscale.models import build_model
-    from mlpscale.train.checkpoint import load_state
-    from mlpscale.weights_picture import log_weights_picture
-
-    state = load_state(checkpoint_path)
-    model = build_model(cfg.arch, resolution=data.resolution, num_classes=int(data.meta["num_classes"]),
-                        expansion=cfg.expansion, activation=cfg.activation, normalization=cfg.normalization,
-                        dropout=cfg.dropout)
-    model.load_state_dict(state["model"])
-    log_weights_picture(model, data.resolution, run_id, uri)
-    example = np.random.default_rng(cfg.seed).standard_normal((2, 3, data.resolution, data.resolution))
-    return tracking.log_model(uri, run_id, model, example.astype(np.float32), register=cfg.register)
+def _start_run(cfg: PretrainConfig, data: DataSpec, stats: dict[str, Any], uri: str, name: str,
+               extra_tags: dict[str, str] | None, extra_params: dict[str, Any] | None) -> tuple[str, str]:
+    """A new RUNNING pretrain run with the run record's tags and params, config.yaml and meta.json."""
+    tags = {tracking.TAG_JOB: "pretrain", tracking.TAG_RAY_RUN: name, **(extra_tags or {})}
+    params = {**tracking.run_record_params(cfg, stats, data.meta), **(extra_params or {})}
+    run_id, experiment_id = tracking.start_run(uri, cfg.experiment, run_name=cfg.run_name or name, tags=tags,
+                                               params=params)
+    mlflow_client = tracking.client(uri)
+    tracking.log_dict_artifact(mlflow_client, run_id, cfg.to_dict(), "config.yaml")
+    tracking.log_dict_artifact(mlflow_client, run_id, data.meta, "meta.json")
+    return run_id, experiment_id

@@ -10,24 +10,26 @@ from typing import Iterable, Iterator
 
 import torch
 
-from mlpscale.transfer.evaluation import AutocastFactory, no_autocast
+from mlpscale.data.loaders import Batch
+from mlpscale.train.precision import autocast
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, batches: Iterable, autocast: AutocastFactory = no_autocast
+def extract_features(model: torch.nn.Module, batches: Iterable, *, device: torch.device, precision: str = "fp32"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32, labels) of every example, on the batches' device, in their order."""
     model.eval()
     features, labels = [], []
     for batch in batches:
-        with autocast():
+        with autocast(device, precision):
             features.append(model.features(batch.images).float())
         labels.append(batch.labels)
     return torch.cat(features), torch.cat(labels)
 
 
 class FeatureBatches:
-    """Mini-batches of cached features, reshuffled each epoch from (seed, epoch); the last batch may be short."""
+    """Mini-batches of cached features as `Batch`es (the features in `images`, no MixUp), reshuffled each epoch
+    from (seed, epoch) unless `shuffle` is off; the last batch may be short."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int = 0,
                  shuffle: bool = True):
@@ -45,7 +47,7 @@ class FeatureBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         count = len(self.labels)
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -55,4 +57,4 @@ class FeatureBatches:
         self.epoch += 1
         for start in range(0, count, self.batch_size):
             index = order[start:start + self.batch_size]
-            yield self.features.index_select(0, index), self.labels.index_select(0, index)
+            yield Batch(self.features.index_select(0, index), self.labels.index_select(0, index), None, 1.0)

@@ -19,11 +19,12 @@ from mlpscale.errors import MlpscaleError
 from mlpscale.paths import repo_root
 from mlpscale.ray_cluster import cpus_per_gpu_worker, ensure_ray
 from mlpscale.tracking.models import SourceModel, resolve_source
+from mlpscale.train.launch import log_final_model, tracked_run
+from mlpscale.train.steps import accuracy_metrics
 from mlpscale.transfer.config import TransferConfig, apply, resolve_mode_defaults, validate
 from mlpscale.transfer.data import DownstreamData, downstream_data
-from mlpscale.transfer.evaluation import accuracy_metrics, tta_logits
+from mlpscale.transfer.evaluation import tta_logits
 from mlpscale.transfer.real_labels import load_real_labels, real_top1
-from mlpscale.weights_picture import log_weights_picture
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def transfer_params(cfg: TransferConfig, source: SourceModel, data: DownstreamDa
 def run_transfer(cfg: TransferConfig, *, parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
                  report: Reporter | None = None) -> TransferResult:
     """Fine-tune or linear-probe `cfg.source` on `cfg.dataset`, tracked as one MLflow run."""
+    import torch
+
     from mlpscale.models import model_stats
     from mlpscale.transfer.worker import TransferTrainer
 
@@ -85,7 +88,7 @@ def run_transfer(cfg: TransferConfig, *, parent_run_id: str | None = None, extra
     run_id, experiment_id = tracking.start_run(uri, cfg.experiment, run_name=run_name, tags=tags,
                                                params=transfer_params(cfg, source, data, stats))
     mlflow_client = tracking.client(uri)
-    try:
+    with tracked_run(mlflow_client, run_id):
         tracking.log_dict_artifact(mlflow_client, run_id, cfg.to_dict(), "config.yaml")
         tracking.log_dict_artifact(mlflow_client, run_id, data.meta, "meta.json")
         trainer = TransferTrainer(cfg, source.model, data)
@@ -102,19 +105,11 @@ def run_transfer(cfg: TransferConfig, *, parent_run_id: str | None = None, extra
             tracking.log_epoch_metrics(mlflow_client, run_id, extra, cfg.epochs)
             final.update(extra)
         model = outcome.model.eval().cpu()
-        log_weights_picture(model, data.resolution, run_id, uri)
-        model_uri = None
-        if cfg.log_model:
-            import torch
-
-            example = torch.zeros(2, model.config.get("in_channels", 3), data.resolution, data.resolution).numpy()
-            model_uri = tracking.log_model(uri, run_id, model, example, register=cfg.register)
+        example = torch.zeros(2, model.config.get("in_channels", 3), data.resolution, data.resolution).numpy()
+        model_uri = log_final_model(model, resolution=data.resolution, tracking_uri=uri, run_id=run_id,
+                                    example=example, log_model=cfg.log_model, register=cfg.register)
         if report is not None:
             report({**final, "epoch": cfg.epochs, "mlflow_run_id": run_id})
-        tracking.finish_run(mlflow_client, run_id)
-    except BaseException as error:
-        tracking.mark_failed(mlflow_client, run_id, f"{type(error).__name__}: {error}")
-        raise
     log.info("transfer run %s finished: %s", run_id, final)
     return TransferResult(run_id, experiment_id, final, model_uri, source.run_id)
 
@@ -132,7 +127,8 @@ def _final_evaluations(cfg: TransferConfig, trainer, outcome, real_labels) -> di
                             mean=data.meta["mean"], std=data.meta["std"], device=outcome.device,
                             scale=cfg.tta_scale, ratio=cfg.tta_ratio, seed=cfg.seed, flip=cfg.tta_flip,
                             num_workers=cfg.loader_workers)
-        logits, labels = tta_logits(outcome.model, loader, cfg.tta, trainer.autocast)
+        logits, labels = tta_logits(outcome.model, loader, cfg.tta, device=outcome.device,
+                                    precision=outcome.precision)
         extra["val_top1_tta"] = accuracy_metrics(logits, labels)["val_top1"]
         if real_labels is not None:
             extra["val_real_top1_tta"] = real_top1(logits.argmax(dim=1), real_labels)
@@ -207,7 +203,7 @@ def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *,
     space = {"base": cfg.to_dict(), "parent_run_id": parent_id, "sweep_id": sweep_id,
              **{key: tune.grid_search(list(values)) for key, values in grid.items()}}
     trainable = tune.with_resources(transfer_trainable, trial_resources)
-    try:
+    with tracked_run(mlflow_client, parent_id):
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(metric=metric, mode="max"),
                            run_config=tune.RunConfig(name=f"transfer-{sweep_id}",
@@ -222,8 +218,4 @@ def run_transfer_grid(cfg: TransferConfig, grid: Mapping[str, Sequence[Any]], *,
             rows.append({**{k: result.config[k] for k in grid}, **(result.metrics or {})})
         best = max(rows, key=lambda row: row.get(metric, float("-inf")))
         tracking.log_epoch_metrics(mlflow_client, parent_id, {f"best_{metric}": best[metric]}, 0)
-        tracking.finish_run(mlflow_client, parent_id)
-    except BaseException as error:
-        tracking.mark_failed(mlflow_client, parent_id, f"{type(error).__name__}: {error}")
-        raise
     return parent_id, rows

@@ -2,8 +2,10 @@
 
 finetune: a new head, every parameter trained; the optimizer gets the body's and the head's
 parameters as separate groups (paper: SGD with momentum, 0.001 and 0.01).
-linear: a new head on the frozen body; without augmentation the features of both splits are
-computed once (features.py) and every epoch trains the head on them.
+linear: a new head on the frozen body (kept in eval mode); without augmentation the features of
+both splits are computed once (features.py) and every epoch trains the head on them.
+Epochs and evaluation are the shared ones (train/steps.py); a non-finite loss fails the run,
+naming the learning rates.
 Compute per epoch (FLOPs as multiply-accumulates, design.md): finetune 3*f*N; linear probe
 f_body*N once for cached features (per epoch when augmenting) plus 3*f_head*N.
 """
@@ -20,13 +22,12 @@ import torch
 from mlpscale.data.loaders import eval_loader, train_loader
 from mlpscale.errors import MlpscaleError
 from mlpscale.models import model_stats
-from mlpscale.train.losses import mixup_correct, mixup_cross_entropy
 from mlpscale.train.optim import parameter_groups
-from mlpscale.train.precision import autocast, enable_fast_matmul, resolve_precision
+from mlpscale.train.precision import enable_fast_matmul, resolve_precision
 from mlpscale.train.schedule import build_scheduler
+from mlpscale.train.steps import NonFiniteLoss, evaluate, train_epoch
 from mlpscale.transfer.config import TransferConfig
 from mlpscale.transfer.data import DownstreamData
-from mlpscale.transfer.evaluation import accuracy_metrics, predict
 from mlpscale.transfer.features import FeatureBatches, extract_features
 
 log = logging.getLogger(__name__)
@@ -119,97 +120,53 @@ class TransferTrainer:
         steps = len(self.train_batches) if not self.cached else -(-data.n_train // cfg.batch_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, total_steps=steps * cfg.epochs)
 
-    def autocast(self):
-        return autocast(self.device, self.precision)
-
     def fit(self, on_epoch: EpochCallback | None = None) -> TransferOutcome:
         cfg = self.cfg
         compute = 0
+        if cfg.mode == "linear":
+            self.model.eval()  # the frozen body stays in eval mode; only the head trains
         if self.cached:
-            train_features, train_labels = extract_features(self.model, self.train_batches, self.autocast)
-            test_features, test_labels = extract_features(self.model, self.test_loader, self.autocast)
-            batches = FeatureBatches(train_features, train_labels, batch_size=cfg.batch_size, seed=cfg.seed)
+            train_features, train_labels = extract_features(self.model, self.train_batches, device=self.device,
+                                                            precision=self.precision)
+            test_features, test_labels = extract_features(self.model, self.test_loader, device=self.device,
+                                                          precision=self.precision)
+            train_batches = FeatureBatches(train_features, train_labels, batch_size=cfg.batch_size, seed=cfg.seed)
+            test_batches = FeatureBatches(test_features, test_labels, batch_size=cfg.batch_size, shuffle=False)
             compute += (self.forward_flops - self.head_flops) * len(train_labels)
+            trained, forward, evaluated, per_example = self.model.head, None, self.model.head, 3 * self.head_flops
+        else:
+            train_batches, test_batches, evaluated = self.train_batches, self.test_loader, self.model
+            if cfg.mode == "finetune":
+                trained, forward, per_example = self.model, None, 3 * self.forward_flops
+            else:
+                trained, forward = self.model.head, self._frozen_body_forward
+                per_example = self.forward_flops - self.head_flops + 3 * self.head_flops
         metrics: dict[str, float] = {}
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
-            if self.cached:
-                train = self._train_head_epoch(batches)
-                compute += 3 * self.head_flops * train["examples"]
-                logits = self._head_logits(test_features)
-                labels = test_labels.cpu()
-            else:
-                train = self._train_epoch()
-                per_example = (3 * self.forward_flops if cfg.mode == "finetune"
-                               else self.forward_flops - self.head_flops + 3 * self.head_flops)
-                compute += per_example * train["examples"]
-                logits, labels = predict(self.model, self.test_loader, self.autocast)
-            elapsed = time.perf_counter() - start
-            metrics = {"train_loss": train["loss"], "train_top1": train["top1"],
-                       **accuracy_metrics(logits, labels), "compute_flops": float(compute),
-                       "throughput_img_s": train["examples"] / max(train["seconds"], 1e-9),
-                       "epoch_time_s": elapsed}
+            try:
+                trained_epoch = train_epoch(trained, train_batches, self.optimizer, self.scheduler, device=self.device,
+                                            precision=self.precision, label_smoothing=cfg.label_smoothing,
+                                            forward=forward)
+            except NonFiniteLoss as error:
+                raise MlpscaleError(f"non-finite training loss in epoch {epoch}: {error}; lower lr_head (now "
+                                    f"{cfg.lr_head}) or lr_body (now {cfg.lr_body})") from None
+            if trained_epoch.examples == 0:
+                raise MlpscaleError("the training split yielded no batch; lower batch_size")
+            compute += per_example * trained_epoch.examples
+            evaluation = evaluate(evaluated, test_batches, device=self.device, precision=self.precision,
+                                  keep_logits=True)
+            metrics = {"train_loss": trained_epoch.loss, "train_top1": trained_epoch.top1, **evaluation.metrics,
+                       "compute_flops": float(compute), "throughput_img_s": trained_epoch.throughput_img_s,
+                       "epoch_time_s": time.perf_counter() - start}
             log.info("epoch %d/%d: %s", epoch, cfg.epochs,
                      ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-        return TransferOutcome(self.model, metrics, logits, labels, self.device, self.precision)
+        return TransferOutcome(self.model, metrics, evaluation.logits, evaluation.labels, self.device, self.precision)
 
-    def _step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-
-    def _train_epoch(self) -> dict[str, float]:
-        """One pass of the image loader; in linear mode the body runs without gradients."""
-        self.model.train(self.cfg.mode == "finetune")
-        total_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        seen = 0
-        start = time.perf_counter()
-        for batch in self.train_batches:
-            with self.autocast():
-                if self.cfg.mode == "finetune":
-                    logits = self.model(batch.images)
-                else:
-                    with torch.no_grad():
-                        features = self.model.features(batch.images)
-                    logits = self.model.head(features)
-                loss = mixup_cross_entropy(logits.float(), batch.labels, batch.labels_mixed, batch.lam,
-                                           self.cfg.label_smoothing)
-            self._step(loss)
-            total_loss += loss.detach() * len(batch.labels)
-            correct += mixup_correct(logits.detach(), batch.labels, batch.labels_mixed, batch.lam)
-            seen += len(batch.labels)
-        return self._summary(total_loss, correct, seen, time.perf_counter() - start)
-
-    def _train_head_epoch(self, batches: FeatureBatches) -> dict[str, float]:
-        self.model.head.train()
-        total_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        seen = 0
-        start = time.perf_counter()
-        for features, labels in batches:
-            with self.autocast():
-                logits = self.model.head(features)
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels,
-                                                         label_smoothing=self.cfg.label_smoothing)
-            self._step(loss)
-            total_loss += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
-            seen += len(labels)
-        return self._summary(total_loss, correct, seen, time.perf_counter() - start)
-
-    @torch.no_grad()
-    def _head_logits(self, features: torch.Tensor) -> torch.Tensor:
-        self.model.head.eval()
-        with self.autocast():
-            return self.model.head(features).float().cpu()
-
-    @staticmethod
-    def _summary(total_loss: torch.Tensor, correct: torch.Tensor, seen: int, seconds: float) -> dict[str, float]:
-        if seen == 0:
-            raise MlpscaleError("the training split yielded no batch; lower batch_size")
-        return {"loss": float(total_loss) / seen, "top1": float(correct) / seen, "examples": seen,
-                "seconds": seconds}
+    def _frozen_body_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Head logits of images through the frozen body, which runs without gradients."""
+        with torch.no_grad():
+            features = self.model.features(images)
+        return self.model.head(features)

@@ -31,7 +31,7 @@ VALUE_DISTRIBUTIONS = ("choice", "grid")
 # Fields a sweep must not vary: they say where results go or how the job runs, not what is trained.
 NOT_SEARCHABLE = frozenset({
     "experiment", "run_name", "tracking_uri", "register", "data_dir", "num_workers",
-    "checkpoint_every", "keep_checkpoints", "storage_path", "max_failures", "use_gpu",
+    "checkpoint_every", "keep_checkpoints", "storage_path", "max_failures", "use_gpu", "log_model",
 })
 
 
@@ -244,8 +244,12 @@ def tune_value(value: Any) -> Any:
     return json.dumps(list(value)) if isinstance(value, tuple) else value
 
 
-def from_tune_value(value: Any, annotation: Any) -> Any:
-    """A sampled value back in the config's type (JSON strings of sequence fields become tuples)."""
+def from_tune_value(value: Any, field: str | Any) -> Any:
+    """A sampled value back in the config's type (JSON strings of sequence fields become tuples).
+
+    `field` is a PretrainConfig field name, whose type the config's hints give, or a type annotation.
+    """
+    annotation = pretrain_field_types().get(field, Any) if isinstance(field, str) else field
     if base_type(annotation)[0] in (tuple, list) and isinstance(value, str):
         return tuple(json.loads(value))
     return value

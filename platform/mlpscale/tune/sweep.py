@@ -27,7 +27,7 @@ from mlpscale.paths import repo_root
 from mlpscale.ray_cluster import cpus_per_gpu_worker, ensure_ray
 from mlpscale.tracking import sweeps
 from mlpscale.tune import report
-from mlpscale.tune.space import SearchSpace, check_against_config, load_space, parse_space, pretrain_field_types
+from mlpscale.tune.space import SearchSpace, check_against_config, load_space, parse_space
 from mlpscale.tune.trial import LR_SCALINGS, SweepContext, run_trial, trial_config
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,7 @@ def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = Fal
 
     context = SweepContext(
         sweep_id=sweep_id, parent_run_id=parent_run_id, tracking_uri=uri, experiment=base.experiment,
-        base_config=base.to_dict(), field_types={k: v for k, v in pretrain_field_types().items()},
-        train_storage=str(experiment_dir / "train"), lr_scaling=options.lr_scaling,
+        base_config=base, train_storage=str(experiment_dir / "train"), lr_scaling=options.lr_scaling,
         base_batch_size=options.base_batch_size or base.batch_size, cpus_per_worker=cpus_per_worker,
         use_gpu=bool(use_gpu), trial_retries=options.trial_retries)
     for value in _sample_extremes(space):
@@ -265,7 +264,7 @@ def _fit(context: SweepContext, space: SearchSpace, options: SweepOptions, exper
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        epochs = int(context.base_config["epochs"])
+        epochs = context.base_config.epochs
         tuner = tune.Tuner(
             trainable,
             param_space=to_tune_space(space),

@@ -1,7 +1,7 @@
 """One Tune trial: the trial's pretrain config, its MLflow child run, and a one-worker Ray Train run inside the trial.
 
-The trial creates its own child run (so it works on any node) and reuses the pretraining driver's
-parts (data check, model stats, worker config, final model logging) around the shared worker loop.
+The trial creates its own child run (so it works on any node), checks its data and counts its model
+with the pretraining driver's functions and trains through the same launcher (train/launch.py).
 A trial restarted after the sweep's driver was killed continues its Ray Train run from the last
 checkpoint and its MLflow run, so finished epochs are not trained or logged twice. The same holds
 for a trial restarted after its node was lost (Tune and Ray Train retries, `trial_retries`); a trial
@@ -10,6 +10,7 @@ that ended FAILED (NaN loss, Ray Train gave up) fails again at once when Tune re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,14 +35,13 @@ class TrialFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What every trial needs from the driver, as plain values."""
+    """What every trial needs from the driver: the typed base config and where the sweep runs and tracks."""
 
     sweep_id: str
     parent_run_id: str
     tracking_uri: str
     experiment: str
-    base_config: dict[str, Any]
-    field_types: dict[str, Any]
+    base_config: PretrainConfig
     train_storage: str
     lr_scaling: str = "none"
     base_batch_size: int = 0
@@ -64,11 +64,11 @@ def trial_config(context: SweepContext, sampled: dict[str, Any]) -> tuple[Pretra
     """The trial's validated config (base + sampled values, lr scaled) and the sweep params it adds."""
     from mlpscale.tune.space import from_tune_value
 
-    values = {k: from_tune_value(v, context.field_types.get(k)) for k, v in sampled.items()}
-    cfg = validate(apply(PretrainConfig(), {**context.base_config, **values}))
+    values = {name: from_tune_value(value, name) for name, value in sampled.items()}
+    cfg = validate(apply(context.base_config, values))
     base_lr = cfg.lr
     lr = scale_lr(base_lr, cfg.batch_size, context.base_batch_size, context.lr_scaling)
-    cfg = validate(apply(cfg, {"lr": lr, "experiment": context.experiment, "tracking_uri": context.tracking_uri}))
+    cfg = validate(dataclasses.replace(cfg, lr=lr, experiment=context.experiment, tracking_uri=context.tracking_uri))
     extra = {"lr_scaling": context.lr_scaling, "base_lr": base_lr,
              "base_batch_size": context.base_batch_size or cfg.batch_size}
     return cfg, extra
@@ -77,15 +77,14 @@ def trial_config(context: SweepContext, sampled: dict[str, Any]) -> tuple[Pretra
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     """The Tune function trainable (wrapped with tune.with_parameters(context=...))."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mlpscale.train.pretrain import check_data, log_final_model, model_summary, worker_config
+    from mlpscale.train.launch import FailureWording, launch
+    from mlpscale.train.pretrain import check_data, model_summary
+    from mlpscale.train.spec import worker_spec
 
     trial_id = tune.get_context().get_trial_id()
-    uri = context.tracking_uri
-    mlflow_client = tracking.client(uri)
+    mlflow_client = tracking.client(context.tracking_uri)
     train_dir = Path(context.train_storage) / trial_id
     if _replay_if_done(train_dir, mlflow_client, trial_id):
         return
@@ -93,36 +92,13 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     data = check_data(cfg)
     stats = model_summary(cfg, data)
     run_id = _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, train_dir, mlflow_client)
-
-    loop_config = worker_config(cfg, data, stats, run_id=run_id, tracking_uri=uri,
-                                cpus_per_worker=context.cpus_per_worker)
-    loop_config["placement_group_run"] = run_id
-    trainer = TorchTrainer(
-        _worker_recording_placement_group,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=context.use_gpu,
-                                     resources_per_worker={"CPU": context.cpus_per_worker,
-                                                           **({"GPU": 1} if context.use_gpu else {})}),
-        run_config=RunConfig(name=trial_id, storage_path=str(train_dir.parent),
-                             failure_config=FailureConfig(max_failures=context.trial_retries),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             callbacks=[TuneReportCallback()]),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as error:  # the worker crashed or Ray Train gave up
-        reason = f"trial {trial_id} crashed: {type(error).__name__}: {str(error)[:1500]}"
-        tracking.mark_failed(mlflow_client, run_id, reason)
-        raise TrialFailed(reason) from error
-    outcome = result.return_value or {}
-    if outcome.get("status") not in (None, "ok"):
-        reason = outcome.get("reason", outcome.get("status"))
-        if tracking.run_status(mlflow_client, run_id) != "FAILED":
-            tracking.mark_failed(mlflow_client, run_id, reason)
-        raise TrialFailed(f"trial {trial_id} failed: {reason}")
-    if result.checkpoint is not None:
-        log_final_model(cfg, data, uri, run_id, result.checkpoint.path)
-    tracking.finish_run(mlflow_client, run_id)
+    spec = worker_spec(cfg, data, stats, workers=1, run_id=run_id, tracking_uri=context.tracking_uri,
+                       cpus_per_worker=context.cpus_per_worker)
+    failure = FailureWording(crashed=f"trial {trial_id} crashed", crash_error=TrialFailed,
+                             stop_error=lambda reason: TrialFailed(f"trial {trial_id} failed: {reason}"))
+    launch(spec, name=trial_id, storage_path=train_dir.parent, use_gpu=context.use_gpu,
+           max_failures=context.trial_retries, failure=failure, worker=_worker_recording_placement_group,
+           callbacks=[TuneReportCallback()])
 
 
 def _replay_if_done(train_dir: Path, mlflow_client, trial_id: str) -> bool:
@@ -181,13 +157,14 @@ def _worker_recording_placement_group(config: dict[str, Any]):
     import ray
 
     from mlpscale.train.loop import train_loop_per_worker
+    from mlpscale.train.spec import WorkerSpec
 
+    spec = WorkerSpec.from_loop_config(config)
     group = ray.util.get_current_placement_group()
-    run_id = config.pop("placement_group_run", None)
-    if group is not None and run_id and ray.train.get_context().get_world_rank() == 0:
+    if group is not None and spec.run_id and ray.train.get_context().get_world_rank() == 0:
         try:
-            sweeps.record_placement_group(config["tracking_uri"], run_id, group.id.hex())
-            sweeps.record_node(config["tracking_uri"], run_id, ray.get_runtime_context().get_node_id())
+            sweeps.record_placement_group(spec.tracking_uri, spec.run_id, group.id.hex())
+            sweeps.record_node(spec.tracking_uri, spec.run_id, ray.get_runtime_context().get_node_id())
         except Exception as error:  # noqa: BLE001 - bookkeeping must not fail the trial
             log.warning("could not record the placement group: %s", error)
     return train_loop_per_worker(config)
