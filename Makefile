@@ -13,7 +13,7 @@ MLFLOW_PORT ?= 5000
 SERVICES := .services
 export MLPSCALE_REPO := $(CURDIR)
 
-.PHONY: setup lint test pretrain up down ui bench tune scaling-demo clean-services
+.PHONY: setup lint test test-fast pretrain up down ui bench tune scaling-demo clean-services
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ lint: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# test-fast: the inner loop, every test but the integration ones (Ray, servers, job processes); under 2 minutes.
+test-fast: setup
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not integration"
 
 # scaling-demo (scaling helper): the cpu-demo grid (16 tiny trials on digits) then the scaling-law fit,
 # end to end into outputs/scaling-demo (fit.json, points.parquet, plots/) and the MLflow store.

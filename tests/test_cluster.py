@@ -35,7 +35,7 @@ BIN = Path(sys.executable).parent
 EPOCHS = 6  # a wide window to catch a trial mid-run on the worker node
 TRIALS = 2
 TRIAL_ARGS = {"arch": "B_2-Wi_32", "epochs": EPOCHS, "warmup_epochs": 0.5, "n_train": 600, "loader_workers": 1,
-              "checkpoint_every": 1}
+              "checkpoint_every": 1, "log_model": False}
 EXPERIMENT = "cluster"
 SWEEP = "two-nodes"
 
@@ -143,6 +143,7 @@ def trial_nodes(run) -> list[str]:
     return [n for n in run.data.tags.get(sweeps.TAG_NODE_IDS, "").split(",") if n]
 
 
+@pytest.mark.integration
 def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
     postgres = Postgres()
     mlflow_dir = tmp_path / "mlflow"

@@ -109,6 +109,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_mlflow_server_script_serves_runs_and_proxied_artifacts(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient

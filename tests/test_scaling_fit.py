@@ -215,6 +215,7 @@ def _log_study(uri: str, experiment: str) -> dict:
     return {"grid": logged, "no_params": no_params.info.run_id, "sweep": sweep, "experiment_id": experiment_id}
 
 
+@pytest.mark.integration
 def test_fit_job_end_to_end_from_mlflow(tmp_path, tracking_uri):
     from mlflow.tracking import MlflowClient
 

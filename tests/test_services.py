@@ -99,7 +99,7 @@ def test_submitted_jobs_log_to_the_server_with_and_without_working_dir(head, dig
     env = client_env(RAY_AUTH_MODE="token", MLPSCALE_DATA=str(digits_dir))
     job_args = ["python", "jobs/pretrain.py", "--arch", "B_2-Wi_32", "--epochs", "1", "--schedule", "none",
                 "--n-train", "300", "--batch-size", "64", "--loader-workers", "1", "--data-dir", str(digits_dir),
-                "--storage-path", str(tmp_path / "ray_results"), "--experiment", EXPERIMENT]
+                "--storage-path", str(tmp_path / "ray_results"), "--experiment", EXPERIMENT, "--log-model", "false"]
     names = {"plain": [], "uploaded": ["--working-dir", "."]}
     for name, extra in names.items():
         job = subprocess.run([RAY, "job", "submit", "--address", record.dashboard_url, *extra, "--",

@@ -347,6 +347,7 @@ def test_grid_runs_tune_trials_as_child_runs(pretrained, downstream, store, tmp_
         assert child.data.tags[tracking.TAG_SWEEP_ID] == parent.data.tags[tracking.TAG_SWEEP_ID]
 
 
+@pytest.mark.integration
 def test_job_reports_a_missing_source_without_traceback(store, tmp_path):
     missing = "fedcba9876543210fedcba9876543210"
     completed = subprocess.run(

@@ -107,6 +107,7 @@ def test_resume_after_the_driver_is_killed(digits_dir, tmp_path, tracking_uri, r
     command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space), "--num-samples", "2",
                "--max-concurrent", "2", "--name", "resumable", "--storage-path", str(storage),
                "--data-dir", str(digits_dir), "--experiment", "sweeps", "--tracking-uri", tracking_uri,
+               "--log-model", "false",
                *[f"--{k.replace('_', '-')}={v}" for k, v in TRIAL_ARGS.items()]]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     assert sweeps.find_sweep_run(tracking_uri, "sweeps", "resumable") is None  # creates the store before the job
