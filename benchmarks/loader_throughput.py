@@ -72,13 +72,15 @@ class CropFlipDataset(Dataset):
     def __getitem__(self, index: int):
         image = self.images[index]
         top, left, h, w = random_crop_box(image.shape[0], image.shape[1], self.rng)
-        crop = image[top:top + h, left:left + w]
+        crop = image[top : top + h, left : left + w]
         size = (self.resolution, self.resolution)
         if self.resize == "pil":
             from PIL import Image
+
             out = np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR))
         else:
             import cv2
+
             out = cv2.resize(np.ascontiguousarray(crop), size, interpolation=cv2.INTER_AREA)
         if self.rng.random() < 0.5:
             out = out[:, ::-1]
@@ -117,28 +119,56 @@ def measure(resolution: int, args, workdir: Path) -> list[dict]:
     beton = workdir / f"bench_{resolution}.beton"
     _write_beton(beton, images, labels)
 
-    ffcv, ahead = (train_loader(beton, batch_size=args.batch_size, resolution=resolution, mean=MEAN, std=STD,
-                                device="cpu", num_workers=args.workers, scale=SCALE, ratio=RATIO,
-                                mixup_alpha=MIXUP_ALPHA, seed=0) for _ in range(2))
+    ffcv, ahead = (
+        train_loader(
+            beton,
+            batch_size=args.batch_size,
+            resolution=resolution,
+            mean=MEAN,
+            std=STD,
+            device="cpu",
+            num_workers=args.workers,
+            scale=SCALE,
+            ratio=RATIO,
+            mixup_alpha=MIXUP_ALPHA,
+            seed=0,
+        )
+        for _ in range(2)
+    )
     ahead.prefetch = True
     loaders = {"ffcv (mlpscale)": lambda: iter(ffcv), "ffcv (mlpscale), prefetch thread": lambda: iter(ahead)}
     for resize in args.baseline:
         dataset = CropFlipDataset(images, labels, resolution, resize)
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                            num_workers=args.workers, persistent_workers=args.workers > 0,
-                            worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=args.workers,
+            persistent_workers=args.workers > 0,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(0),
+        )
         for tail in args.tail:
             mixup = MixUp(MIXUP_ALPHA, seed=0)
-            loaders[f"torch DataLoader ({resize} resize, {tail} tail)"] = (
-                lambda loader=loader, mixup=mixup, tail=tail: baseline_batches(loader, mixup, tail))
+            name = f"torch DataLoader ({resize} resize, {tail} tail)"
+            loaders[name] = lambda loader=loader, mixup=mixup, tail=tail: baseline_batches(loader, mixup, tail)
     warmup = {name: one_epoch(make())[1] for name, make in loaders.items()}
     rates: dict[str, list[float]] = {name: [] for name in loaders}
     for _ in range(args.epochs):
         for name, make in loaders.items():
             seen, seconds = one_epoch(make())
             rates[name].append(seen / seconds)
-    rows = [dict(resolution=resolution, loader=name, images_per_s=statistics.median(rates[name]),
-                 per_epoch=[round(r) for r in rates[name]], warmup_s=warmup[name]) for name in loaders]
+    rows = [
+        dict(
+            resolution=resolution,
+            loader=name,
+            images_per_s=statistics.median(rates[name]),
+            per_epoch=[round(r) for r in rates[name]],
+            warmup_s=warmup[name],
+        )
+        for name in loaders
+    ]
     for row in rows:
         row["ffcv_speedup"] = rows[0]["images_per_s"] / row["images_per_s"]
     return rows
@@ -155,8 +185,7 @@ def _write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         def __getitem__(self, i):
             return images[i], int(labels[i])
 
-    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                           num_workers=1)
+    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()}, num_workers=1)
     writer.from_indexed_dataset(Arrays())
 
 
@@ -173,12 +202,16 @@ def machine() -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| resolution | loader | images/s (median epoch) | epochs min-max | FFCV speed-up | warm-up s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| resolution | loader | images/s (median epoch) | epochs min-max | FFCV speed-up | warm-up s |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row['resolution']} | {row['loader']} | {row['images_per_s']:,.0f} | "
-                     f"{min(row['per_epoch']):,}-{max(row['per_epoch']):,} | "
-                     f"{row['ffcv_speedup']:.1f}x | {row['warmup_s']:.1f} |")
+        lines.append(
+            f"| {row['resolution']} | {row['loader']} | {row['images_per_s']:,.0f} | "
+            f"{min(row['per_epoch']):,}-{max(row['per_epoch']):,} | "
+            f"{row['ffcv_speedup']:.1f}x | {row['warmup_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -190,8 +223,13 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs (rounds) after one warm-up epoch")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--baseline", nargs="+", choices=["pil", "cv2"], default=["pil", "cv2"])
-    parser.add_argument("--tail", nargs="+", choices=["torch", "fused"], default=["torch", "fused"],
-                        help="the baseline's normalise + MixUp: torch ops, or mlpscale's fused CPU pass")
+    parser.add_argument(
+        "--tail",
+        nargs="+",
+        choices=["torch", "fused"],
+        default=["torch", "fused"],
+        help="the baseline's normalise + MixUp: torch ops, or mlpscale's fused CPU pass",
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -201,8 +239,9 @@ def main(argv=None) -> int:
     print(f"Command: python {' '.join(sys.argv)}\n")
     print(markdown(rows))
     if args.out:
-        args.out.write_text(json.dumps({"machine": machine(), "args": {**vars(args), "out": str(args.out)},
-                                        "rows": rows}, indent=2))
+        args.out.write_text(
+            json.dumps({"machine": machine(), "args": {**vars(args), "out": str(args.out)}, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -68,9 +68,20 @@ def make_dataset(root: Path, *, images: int, test_images: int, resolution: int, 
         labels = rng.integers(0, classes, size=n)
         write_beton(directory / f"{split}.beton", pixels, labels)
         counts[split] = n
-    write_meta(directory, {"dataset": DATASET, "num_classes": classes, "classes": [str(i) for i in range(classes)],
-                           "counts": counts, "mean": [127.5] * 3, "std": [73.9] * 3, "resolution": resolution,
-                           "skipped": [], "subsets": []})
+    write_meta(
+        directory,
+        {
+            "dataset": DATASET,
+            "num_classes": classes,
+            "classes": [str(i) for i in range(classes)],
+            "counts": counts,
+            "mean": [127.5] * 3,
+            "std": [73.9] * 3,
+            "resolution": resolution,
+            "skipped": [],
+            "subsets": [],
+        },
+    )
     return directory
 
 
@@ -89,7 +100,8 @@ def machine_busy_s() -> float:
     """CPU seconds all cores of this machine have been busy since boot (Linux /proc/stat; 0 elsewhere)."""
     try:
         user, nice, system, _idle, _iowait, irq, softirq, steal = map(
-            int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+            int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        )
     except (OSError, ValueError):
         return 0.0
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
@@ -150,14 +162,31 @@ def loader_loop_throughput(args, device: torch.device, root: Path) -> list[float
     scheduler = build_scheduler(optimizer, "none", total_steps=1, warmup_steps=0)
     directory = root / DATASET / f"res{args.resolution}"
     meta = load_meta(directory)
-    loader = train_loader(directory / "train.beton", batch_size=args.batch_size // args.accumulation_steps,
-                          resolution=args.resolution, mean=meta["mean"], std=meta["std"], device=device,
-                          scale=CROP_SCALE, flip=True,
-                          num_workers=args.loader_workers or default_threads(device, os.cpu_count()))
+    loader = train_loader(
+        directory / "train.beton",
+        batch_size=args.batch_size // args.accumulation_steps,
+        resolution=args.resolution,
+        mean=meta["mean"],
+        std=meta["std"],
+        device=device,
+        scale=CROP_SCALE,
+        flip=True,
+        num_workers=args.loader_workers or default_threads(device, os.cpu_count()),
+    )
     if args.prefetch:
         loader.prefetch = True
-    return [train_epoch(model, loader, optimizer, scheduler, device=device, precision=precision,
-                        accumulation_steps=args.accumulation_steps).throughput_img_s for _ in range(args.epochs)]
+    return [
+        train_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            device=device,
+            precision=precision,
+            accumulation_steps=args.accumulation_steps,
+        ).throughput_img_s
+        for _ in range(args.epochs)
+    ]
 
 
 def ray_train_bound(args) -> tuple[float, float, float]:
@@ -190,11 +219,14 @@ def ray_train_bound(args) -> tuple[float, float, float]:
     try:
         cpus, use_gpu = int(ray.cluster_resources().get("CPU", 1)), args.device == "cuda"
         resources = {"CPU": min(cpus, 8), "GPU": 1} if use_gpu else {"CPU": cpus}  # as the job's one worker
-        trainer = TorchTrainer(measure, train_loop_config={"args": args, "directory": str(Path(__file__).parent)},
-                               scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
-                                                            resources_per_worker=resources),
-                               run_config=RunConfig(name=f"ray-train-bound-{time.time_ns()}",
-                                                    storage_path=tempfile.mkdtemp(prefix="ray-bound-")))
+        trainer = TorchTrainer(
+            measure,
+            train_loop_config={"args": args, "directory": str(Path(__file__).parent)},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=f"ray-train-bound-{time.time_ns()}", storage_path=tempfile.mkdtemp(prefix="ray-bound-")
+            ),
+        )
         windows = trainer.fit().return_value  # like the job: Ray's own start-up load passes in window 1
         return tuple(_steady(list(column)) for column in zip(*windows))
     finally:
@@ -205,12 +237,28 @@ def job_throughput(args, root: Path) -> tuple[list[float], float]:
     import ray
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = load_config(overrides={
-        "arch": args.arch, "dataset": DATASET, "data_dir": str(root), "resolution": args.resolution,
-        "epochs": args.epochs, "batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps,
-        "lr": 1e-5, "schedule": "none", "crop_scale": list(CROP_SCALE), "flip": True, "precision": args.precision,
-        "loader_workers": args.loader_workers, "tracking_uri": uri, "storage_path": str(root / "ray"),
-        "experiment": "train-throughput", "checkpoint_every": args.epochs, "use_gpu": args.device == "cuda"})
+    cfg = load_config(
+        overrides={
+            "arch": args.arch,
+            "dataset": DATASET,
+            "data_dir": str(root),
+            "resolution": args.resolution,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "accumulation_steps": args.accumulation_steps,
+            "lr": 1e-5,
+            "schedule": "none",
+            "crop_scale": list(CROP_SCALE),
+            "flip": True,
+            "precision": args.precision,
+            "loader_workers": args.loader_workers,
+            "tracking_uri": uri,
+            "storage_path": str(root / "ray"),
+            "experiment": "train-throughput",
+            "checkpoint_every": args.epochs,
+            "use_gpu": args.device == "cuda",
+        }
+    )
     try:
         start = time.perf_counter()
         result = run_pretraining(cfg)
@@ -245,14 +293,19 @@ def one_round(args, device: torch.device, root: Path) -> dict:
     bounds.append(with_cores(lambda: in_memory_bound(args, device, args.bound_steps)))
     bound_img_s = [img_s for img_s, _, _ in bounds]
     phases = {"job": _steady(job), "loop": _steady(loop), "ray_train_bound": ray_bound}
-    figures = {"bounds_img_s": [round(b) for b in bound_img_s], "job_img_s_per_epoch": [round(v) for v in job],
-               "loop_img_s_per_epoch": [round(v) for v in loop], "job_wall_s": round(wall, 1),
-               "bound_cores": [round(own, 2) for _, own, _ in bounds],
-               "bound_other_cores": [round(other, 3) for _, _, other in bounds],
-               "ray_train_worker_cores": round(worker_cores, 2), "ray_train_other_cores": round(other_cores, 3)}
+    figures = {
+        "bounds_img_s": [round(b) for b in bound_img_s],
+        "job_img_s_per_epoch": [round(v) for v in job],
+        "loop_img_s_per_epoch": [round(v) for v in loop],
+        "job_wall_s": round(wall, 1),
+        "bound_cores": [round(own, 2) for _, own, _ in bounds],
+        "bound_other_cores": [round(other, 3) for _, _, other in bounds],
+        "ray_train_worker_cores": round(worker_cores, 2),
+        "ray_train_other_cores": round(other_cores, 3),
+    }
     for index, (name, img_s) in enumerate(phases.items()):
         figures[f"{name}_img_s"] = round(img_s)
-        figures[f"{name}_ratio"] = round(img_s / statistics.mean(bound_img_s[index:index + 2]), 3)
+        figures[f"{name}_ratio"] = round(img_s / statistics.mean(bound_img_s[index : index + 2]), 3)
     return figures
 
 
@@ -275,8 +328,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="repeat bound / job / bound / loop / bound / ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--loader-workers", type=int, default=None, help="decoder threads (default: the job's own)")
-    parser.add_argument("--prefetch", action="store_true",
-                        help="loader loop with FFCV's prefetch thread (the job's loader has it off the CPU only)")
+    parser.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="loader loop with FFCV's prefetch thread (the job's loader has it off the CPU only)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -285,34 +341,46 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_dataset(root, images=args.images, test_images=args.test_images, resolution=args.resolution,
-                     classes=args.classes)
+        make_dataset(
+            root, images=args.images, test_images=args.test_images, resolution=args.resolution, classes=args.classes
+        )
         rounds = [one_round(args, device, root) for _ in range(args.rounds)]
     figures = {
-        "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
-        "precision": resolve_precision(args.precision, device), "device": torch.cuda.get_device_name(0)
-        if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)",
+        "arch": args.arch,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "precision": resolve_precision(args.precision, device),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)",
         "rounds": rounds,
         "loop_ratio_median": statistics.median(r["loop_ratio"] for r in rounds),
         "ray_train_bound_ratio_median": statistics.median(r["ray_train_bound_ratio"] for r in rounds),
         "job_ratio_median": statistics.median(r["job_ratio"] for r in rounds),
         "ray_train_other_cores_median": statistics.median(r["ray_train_other_cores"] for r in rounds),
-        "command": "python benchmarks/train_throughput.py " + " ".join(
+        "command": "python benchmarks/train_throughput.py "
+        + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in vars(args).items() if v not in (None, False) and k != "out"),
+            for k, v in vars(args).items()
+            if v not in (None, False) and k != "out"
+        ),
     }
-    print("| round | model | res | batch | precision | bounds img/s | job img/s (ratio) "
-          "| loader loop img/s (ratio) | Ray Train bound img/s (ratio) | cores: Ray Train worker / all others |")
+    print(
+        "| round | model | res | batch | precision | bounds img/s | job img/s (ratio) "
+        "| loader loop img/s (ratio) | Ray Train bound img/s (ratio) | cores: Ray Train worker / all others |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for index, r in enumerate(rounds, 1):
-        print(f"| {index} | {args.arch} | {args.resolution} | {args.batch_size} | {figures['precision']} "
-              f"| {' / '.join(f'{b:,}' for b in r['bounds_img_s'])} | {r['job_img_s']:,} ({r['job_ratio']:.2f}) "
-              f"| {r['loop_img_s']:,} ({r['loop_ratio']:.2f}) "
-              f"| {r['ray_train_bound_img_s']:,} ({r['ray_train_bound_ratio']:.2f}) "
-              f"| {r['ray_train_worker_cores']:.2f} / {r['ray_train_other_cores']:.2f} |")
-    print(f"median ratios: job {figures['job_ratio_median']:.2f}, loader loop {figures['loop_ratio_median']:.2f}, "
-          f"Ray Train bound {figures['ray_train_bound_ratio_median']:.2f}; cores the rest of the machine used "
-          f"beside the Ray Train worker: {figures['ray_train_other_cores_median']:.2f} of {os.cpu_count()}")
+        print(
+            f"| {index} | {args.arch} | {args.resolution} | {args.batch_size} | {figures['precision']} "
+            f"| {' / '.join(f'{b:,}' for b in r['bounds_img_s'])} | {r['job_img_s']:,} ({r['job_ratio']:.2f}) "
+            f"| {r['loop_img_s']:,} ({r['loop_ratio']:.2f}) "
+            f"| {r['ray_train_bound_img_s']:,} ({r['ray_train_bound_ratio']:.2f}) "
+            f"| {r['ray_train_worker_cores']:.2f} / {r['ray_train_other_cores']:.2f} |"
+        )
+    print(
+        f"median ratios: job {figures['job_ratio_median']:.2f}, loader loop {figures['loop_ratio_median']:.2f}, "
+        f"Ray Train bound {figures['ray_train_bound_ratio_median']:.2f}; cores the rest of the machine used "
+        f"beside the Ray Train worker: {figures['ray_train_other_cores_median']:.2f} of {os.cpu_count()}"
+    )
     print(json.dumps(figures))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))

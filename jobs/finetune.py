@@ -16,8 +16,13 @@ from mlpscale.transfer.config import add_transfer_arguments, config_from_args
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_transfer_arguments(parser)
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="run a Ray Tune grid over these values (repeatable; pairs as 0.35,1.0;0.08,1.0)")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="run a Ray Tune grid over these values (repeatable; pairs as 0.35,1.0;0.08,1.0)",
+    )
     parser.add_argument("--storage-path", help="where Ray Tune keeps the grid's trial folders")
     return parser.parse_args(argv)
 

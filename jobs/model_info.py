@@ -34,11 +34,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @job_main(log_format=None)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    info = model_info(args.arch, resolution=args.resolution, num_classes=args.num_classes,
-                      in_channels=args.in_channels, expansion=args.expansion,
-                      normalization=args.normalization, final_norm=args.final_norm,
-                      n_train=args.n_train, epochs=args.epochs, batch_size=args.batch_size,
-                      optimizer=args.optimizer, precision=args.precision)
+    info = model_info(
+        args.arch,
+        resolution=args.resolution,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+        expansion=args.expansion,
+        normalization=args.normalization,
+        final_norm=args.final_norm,
+        n_train=args.n_train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        precision=args.precision,
+    )
     print(json.dumps(info, indent=2))
     return 0
 

@@ -1,4 +1,7 @@
-"""Pretrain an MLP as a Ray Train job tracked in MLflow: `python jobs/pretrain.py [--config f.yaml] [--key value ...]`."""
+"""Pretrain an MLP as a Ray Train job tracked in MLflow.
+
+python jobs/pretrain.py [--config f.yaml] [--key value ...]
+"""
 
 from __future__ import annotations
 

@@ -31,16 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.action == "up":
-        started = services.up(services.Ports.from_env(), num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                              state_dir=args.services_dir, timeout_s=args.timeout)
+        started = services.up(
+            services.Ports.from_env(),
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            state_dir=args.services_dir,
+            timeout_s=args.timeout,
+        )
         print(f"Ray dashboard:   {started.dashboard_url}  (GCS {started.gcs_address})")
         print(f"MLflow server:   {started.mlflow_url}  (store {started.state_dir}/mlflow)")
         print("To submit jobs, run scripts on this head and log to the server from this shell:")
         print(f"  {started.export_line()}")
         print(f"  (or: source {started.state_dir}/{services.ENV_FILE})")
         print("then e.g.: ray job submit -- python jobs/pretrain.py --epochs 2")
-        print(f"      or: ray job submit --address {started.dashboard_url} --working-dir . -- "
-              "python jobs/pretrain.py --epochs 2")
+        print(
+            f"      or: ray job submit --address {started.dashboard_url} --working-dir . -- "
+            "python jobs/pretrain.py --epochs 2"
+        )
         return 0
     if args.action == "down":
         stopped = services.down(args.services_dir)

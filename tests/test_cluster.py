@@ -34,8 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EPOCHS = 6  # a wide window to catch a trial mid-run on the worker node
 TRIALS = 2
-TRIAL_ARGS = {"arch": "B_2-Wi_32", "epochs": EPOCHS, "warmup_epochs": 0.5, "n_train": 600, "loader_workers": 1,
-              "checkpoint_every": 1, "log_model": False}
+TRIAL_ARGS = {
+    "arch": "B_2-Wi_32",
+    "epochs": EPOCHS,
+    "warmup_epochs": 0.5,
+    "n_train": 600,
+    "loader_workers": 1,
+    "checkpoint_every": 1,
+    "log_model": False,
+}
 EXPERIMENT = "cluster"
 SWEEP = "two-nodes"
 
@@ -49,12 +56,15 @@ def free_port() -> int:
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, **kwargs)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done
 
 
 def postgres_bin() -> Path:
     """The newest Debian PostgreSQL's bin dir, installing the postgresql package when it is missing."""
+
     def found():
         dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[4]))
         return Path(dirs[-1]).parent if dirs else None
@@ -105,9 +115,14 @@ class Postgres:
 def start_ray_node(command: list[str], log: Path, env: dict) -> int:
     """Run `ray start ...` in a new process session; the session id (its pid) names the node's processes."""
     with open(log, "ab") as out:
-        starter = subprocess.Popen([str(BIN / "ray"), "start", *command, "--disable-usage-stats"], stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True)
+        starter = subprocess.Popen(
+            [str(BIN / "ray"), "start", *command, "--disable-usage-stats"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     try:
         code = starter.wait(timeout=180)
     except subprocess.TimeoutExpired:
@@ -119,9 +134,11 @@ def start_ray_node(command: list[str], log: Path, env: dict) -> int:
 
 
 def ray_nodes(address: str, env: dict) -> list[dict]:
-    probe = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
-             "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
-             "for n in ray.nodes()]))" % address)
+    probe = (
+        f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
+        "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
+        "for n in ray.nodes()]))"
+    )
     out = run([sys.executable, "-c", probe], env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -147,18 +164,29 @@ def trial_nodes(run) -> list[str]:
 def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
     postgres = Postgres()
     mlflow_dir = tmp_path / "mlflow"
-    mlflow_env = dict(os.environ, MLFLOW_BIN=str(BIN / "mlflow"), MLPSCALE_MLFLOW_DIR=str(mlflow_dir),
-                      MLPSCALE_MLFLOW_HOST="127.0.0.1", MLPSCALE_MLFLOW_PORT=str(free_port()),
-                      MLPSCALE_MLFLOW_ARTIFACTS=str(tmp_path / "artifacts"), MLPSCALE_MLFLOW_WORKERS="1",
-                      PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    mlflow_env = dict(
+        os.environ,
+        MLFLOW_BIN=str(BIN / "mlflow"),
+        MLPSCALE_MLFLOW_DIR=str(mlflow_dir),
+        MLPSCALE_MLFLOW_HOST="127.0.0.1",
+        MLPSCALE_MLFLOW_PORT=str(free_port()),
+        MLPSCALE_MLFLOW_ARTIFACTS=str(tmp_path / "artifacts"),
+        MLPSCALE_MLFLOW_WORKERS="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    )
     ray_temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
     ray_port = free_port()
     address = f"127.0.0.1:{ray_port}"
     uri = f"http://127.0.0.1:{mlflow_env['MLPSCALE_MLFLOW_PORT']}"
     # Node death noticed within seconds, not Ray's default ~30 s.
     ray_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    ray_env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
-                   RAY_health_check_failure_threshold="3", MLFLOW_TRACKING_URI=uri, RAY_AUTH_MODE="token")
+    ray_env.update(
+        RAY_health_check_period_ms="1000",
+        RAY_health_check_timeout_ms="1000",
+        RAY_health_check_failure_threshold="3",
+        MLFLOW_TRACKING_URI=uri,
+        RAY_AUTH_MODE="token",
+    )
     sessions: list[int] = []
     driver = None
     try:
@@ -168,11 +196,27 @@ def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
 
         services.ensure_ray_auth_token()  # `ray start` with token auth needs it; a fresh machine has none
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", "100000000"]
-        sessions.append(start_ray_node(["--head", "--port", str(ray_port), "--temp-dir", str(ray_temp),
-                                        "--include-dashboard", "false", "--resources", '{"head": 1}', *common],
-                                       tmp_path / "ray-head.log", ray_env))
-        worker_session = start_ray_node(["--address", address, "--resources", '{"worker_node": 1}', *common],
-                                        tmp_path / "ray-worker.log", ray_env)
+        sessions.append(
+            start_ray_node(
+                [
+                    "--head",
+                    "--port",
+                    str(ray_port),
+                    "--temp-dir",
+                    str(ray_temp),
+                    "--include-dashboard",
+                    "false",
+                    "--resources",
+                    '{"head": 1}',
+                    *common,
+                ],
+                tmp_path / "ray-head.log",
+                ray_env,
+            )
+        )
+        worker_session = start_ray_node(
+            ["--address", address, "--resources", '{"worker_node": 1}', *common], tmp_path / "ray-worker.log", ray_env
+        )
         sessions.append(worker_session)
         nodes = ray_nodes(address, ray_env)
         assert len([n for n in nodes if n["alive"]]) == 2, nodes
@@ -181,15 +225,39 @@ def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
 
         space = tmp_path / "space.yaml"
         space.write_text(yaml.safe_dump({"lr": {"distribution": "loguniform", "low": 1e-3, "high": 3e-3}}))
-        command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space), "--num-samples",
-                   str(TRIALS), "--max-concurrent", "2", "--trial-retries", "2", "--name", SWEEP,
-                   "--storage-path", str(tmp_path / "ray"), "--data-dir", str(digits_dir),
-                   "--experiment", EXPERIMENT, "--tracking-uri", uri,
-                   *[f"--{k.replace('_', '-')}={v}" for k, v in TRIAL_ARGS.items()]]
+        command = [
+            sys.executable,
+            str(REPO / "jobs" / "tune.py"),
+            "--space",
+            str(space),
+            "--num-samples",
+            str(TRIALS),
+            "--max-concurrent",
+            "2",
+            "--trial-retries",
+            "2",
+            "--name",
+            SWEEP,
+            "--storage-path",
+            str(tmp_path / "ray"),
+            "--data-dir",
+            str(digits_dir),
+            "--experiment",
+            EXPERIMENT,
+            "--tracking-uri",
+            uri,
+            *[f"--{k.replace('_', '-')}={v}" for k, v in TRIAL_ARGS.items()],
+        ]
         driver_log = tmp_path / "driver.log"
         with open(driver_log, "w") as out:
-            driver = subprocess.Popen(command, cwd=REPO, env=dict(ray_env, RAY_ADDRESS=address), stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            driver = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=dict(ray_env, RAY_ADDRESS=address),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
         client = tracking.client(uri)
         killed_run = None
@@ -197,14 +265,19 @@ def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
         while killed_run is None and driver.poll() is None and time.monotonic() < deadline:
             parent_id = sweeps.find_sweep_run(uri, EXPERIMENT, SWEEP)
             for child in sweeps.trial_runs(uri, parent_id) if parent_id else []:
-                if (trial_nodes(child) == [worker_id] and child.info.status == "RUNNING"
-                        and 1 <= tracking.last_logged_epoch(client, child.info.run_id) < EPOCHS):
+                if (
+                    trial_nodes(child) == [worker_id]
+                    and child.info.status == "RUNNING"
+                    and 1 <= tracking.last_logged_epoch(client, child.info.run_id) < EPOCHS
+                ):
                     killed_run = child.info.run_id
                     break
             else:
                 time.sleep(0.3)
         assert killed_run, f"no trial ran on the worker node mid-sweep:\n{driver_log.read_text()[-3000:]}"
-        assert services.kill_sessions([worker_session], wait_s=10)  # the node dies: raylet, its workers and agents SIGKILLed at once
+        assert services.kill_sessions(
+            [worker_session], wait_s=10
+        )  # the node dies: raylet, its workers and agents SIGKILLed at once
 
         assert driver.wait(timeout=300) == 0, driver_log.read_text()[-5000:]
         parent_id = sweeps.find_sweep_run(uri, EXPERIMENT, SWEEP)
@@ -219,7 +292,8 @@ def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
                 assert steps == list(range(1, EPOCHS + 1)), (child.info.run_id, name, steps)
         placed = {child.info.run_id: trial_nodes(child) for child in children}
         assert any(head_id in nodes for nodes in placed.values()) and any(
-            worker_id in nodes for nodes in placed.values()), placed
+            worker_id in nodes for nodes in placed.values()
+        ), placed
         # The killed trial restarted on the head; nothing ran on the dead node afterwards.
         assert placed[killed_run][0] == worker_id and placed[killed_run][-1] == head_id, placed[killed_run]
         alive = {n["id"]: n["alive"] for n in ray_nodes(address, ray_env)}
@@ -230,8 +304,12 @@ def test_sweep_survives_losing_the_worker_node(digits_dir, tmp_path):
         services.stop_sessions(sessions, grace_s=3.0)
         mlflow_pid = mlflow_dir / "mlflow.pid"
         mlflow_session = int(mlflow_pid.read_text()) if mlflow_pid.is_file() else 0
-        subprocess.run(["bash", str(REPO / "cluster" / "mlflow_server.sh"), "stop"], env=mlflow_env,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["bash", str(REPO / "cluster" / "mlflow_server.sh"), "stop"],
+            env=mlflow_env,
+            capture_output=True,
+            timeout=60,
+        )
         services.stop_sessions([mlflow_session], grace_s=15.0)  # waits until the server has exited
         postgres.stop()
         shutil.rmtree(ray_temp, ignore_errors=True)

@@ -18,8 +18,15 @@ from mlpscale.paths import repo_root
 
 REPO = repo_root()
 CONFIGS = ["cluster.yaml", "cluster-onprem.yaml"]
-SHARED_KEYS = ["file_mounts", "rsync_exclude", "setup_commands", "head_setup_commands",
-               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands"]
+SHARED_KEYS = [
+    "file_mounts",
+    "rsync_exclude",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+]
 
 
 def _load(name: str) -> dict:
@@ -117,8 +124,14 @@ def test_mlflow_server_script_serves_runs_and_proxied_artifacts(tmp_path, monkey
     port = _free_port()
     state = tmp_path / "mlflow-state"
     venv_bin = Path(os.sys.executable).parent
-    env = dict(os.environ, MLPSCALE_MLFLOW_DIR=str(state), MLPSCALE_MLFLOW_HOST="127.0.0.1",
-               MLPSCALE_MLFLOW_PORT=str(port), MLPSCALE_MLFLOW_WORKERS="1", MLFLOW_BIN=str(venv_bin / "mlflow"))
+    env = dict(
+        os.environ,
+        MLPSCALE_MLFLOW_DIR=str(state),
+        MLPSCALE_MLFLOW_HOST="127.0.0.1",
+        MLPSCALE_MLFLOW_PORT=str(port),
+        MLPSCALE_MLFLOW_WORKERS="1",
+        MLFLOW_BIN=str(venv_bin / "mlflow"),
+    )
     env.pop("MLPSCALE_MLFLOW_BACKEND_URI", None)
     env.pop("MLPSCALE_MLFLOW_ARTIFACTS", None)
     script = ["bash", str(REPO / "cluster" / "mlflow_server.sh")]

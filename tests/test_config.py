@@ -6,8 +6,15 @@ import argparse
 
 import pytest
 
-from mlpscale.config import (FIELD_NAMES, PRESETS, PretrainConfig, add_config_arguments, config_from_args,
-                             load_config, save_yaml)
+from mlpscale.config import (
+    FIELD_NAMES,
+    PRESETS,
+    PretrainConfig,
+    add_config_arguments,
+    config_from_args,
+    load_config,
+    save_yaml,
+)
 from mlpscale.errors import MlpscaleError
 
 
@@ -45,8 +52,25 @@ def test_yaml_round_trip_and_precedence(tmp_path):
 
 
 def test_every_field_has_a_cli_option_with_dashes_or_underscores():
-    cfg = parse(["--batch-size", "64", "--weight_decay", "0.01", "--crop-scale", "0.3", "1.0", "--flip", "true",
-                 "--n-train", "300", "--register", "mymodel", "--use-gpu", "false"])
+    cfg = parse(
+        [
+            "--batch-size",
+            "64",
+            "--weight_decay",
+            "0.01",
+            "--crop-scale",
+            "0.3",
+            "1.0",
+            "--flip",
+            "true",
+            "--n-train",
+            "300",
+            "--register",
+            "mymodel",
+            "--use-gpu",
+            "false",
+        ]
+    )
     assert (cfg.batch_size, cfg.weight_decay, cfg.crop_scale, cfg.flip) == (64, 0.01, (0.3, 1.0), True)
     assert (cfg.n_train, cfg.register, cfg.use_gpu) == (300, "mymodel", False)
     parser = argparse.ArgumentParser()
@@ -55,22 +79,25 @@ def test_every_field_has_a_cli_option_with_dashes_or_underscores():
     assert all(f"cfg__{name}" in dests for name in FIELD_NAMES)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"optimzer": "lion"}, "unknown config key 'optimzer'"),
-    ({"optimizer": "adam"}, "lion, adamw, sgd"),
-    ({"schedule": "step"}, "none, cosine, warmup_cosine"),
-    ({"precision": "fp16"}, "auto, bf16, fp32"),
-    ({"epochs": 0}, "epochs=0 must be positive"),
-    ({"lr": -1}, "lr=-1.0 must be positive"),
-    ({"lr": "fast"}, "not a valid number"),
-    ({"batch_size": 1.5}, "not a valid integer"),
-    ({"label_smoothing": 1.0}, "label_smoothing"),
-    ({"crop_scale": [0.9, 0.1]}, "crop_scale"),
-    ({"batch_size": 100, "accumulation_steps": 3}, "divisible"),
-    ({"flip": "maybe"}, "true or false"),
-    ({"warmup_epochs": 50, "epochs": 10}, "warmup_epochs"),
-    ({"loader_workers": 0}, "loader_workers=0 must be positive (or none for the default)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"optimzer": "lion"}, "unknown config key 'optimzer'"),
+        ({"optimizer": "adam"}, "lion, adamw, sgd"),
+        ({"schedule": "step"}, "none, cosine, warmup_cosine"),
+        ({"precision": "fp16"}, "auto, bf16, fp32"),
+        ({"epochs": 0}, "epochs=0 must be positive"),
+        ({"lr": -1}, "lr=-1.0 must be positive"),
+        ({"lr": "fast"}, "not a valid number"),
+        ({"batch_size": 1.5}, "not a valid integer"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"crop_scale": [0.9, 0.1]}, "crop_scale"),
+        ({"batch_size": 100, "accumulation_steps": 3}, "divisible"),
+        ({"flip": "maybe"}, "true or false"),
+        ({"warmup_epochs": 50, "epochs": 10}, "warmup_epochs"),
+        ({"loader_workers": 0}, "loader_workers=0 must be positive (or none for the default)"),
+    ],
+)
 def test_bad_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(MlpscaleError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(overrides=overrides)

@@ -33,8 +33,14 @@ def load_with_ffcv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    loader = Loader(str(path), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    loader = Loader(
+        str(path),
+        batch_size=64,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]},
+    )
     images, labels = [], []
     for image_batch, label_batch in loader:
         images.append(np.array(image_batch))
@@ -70,6 +76,7 @@ def check_subset_contents(directory: Path, sizes: list[int]) -> None:
 
 
 # --- digits (the default dataset of every job) ----------------------------------------------
+
 
 def test_digits_default_needs_no_source(digits_dir):
     directory = digits_dir / "digits" / "res16"
@@ -118,6 +125,7 @@ def test_nested_order_prefixes_are_class_proportional():
 
 # --- CIFAR ---------------------------------------------------------------------------------
 
+
 def _pickled(obj: dict) -> bytes:
     return pickle.dumps(obj, protocol=2)
 
@@ -132,13 +140,24 @@ def test_cifar10_targz_round_trips_raw_pixels(tmp_path):
         labels = rng.integers(0, 10, 8).tolist()
         train_images.append(images)
         train_labels += labels
-        members[f"data_batch_{batch}"] = _pickled({
-            b"batch_label": f"training batch {batch} of 5".encode(), b"labels": labels,
-            b"data": planar(images), b"filenames": [f"img{batch}_{i}.png".encode() for i in range(8)]})
+        members[f"data_batch_{batch}"] = _pickled(
+            {
+                b"batch_label": f"training batch {batch} of 5".encode(),
+                b"labels": labels,
+                b"data": planar(images),
+                b"filenames": [f"img{batch}_{i}.png".encode() for i in range(8)],
+            }
+        )
     test_images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     test_labels = [0, 1, 2, 3, 4, 5]
-    members["test_batch"] = _pickled({b"batch_label": b"testing batch 1 of 1", b"labels": test_labels,
-                                      b"data": planar(test_images), b"filenames": [b"t.png"] * 6})
+    members["test_batch"] = _pickled(
+        {
+            b"batch_label": b"testing batch 1 of 1",
+            b"labels": test_labels,
+            b"data": planar(test_images),
+            b"filenames": [b"t.png"] * 6,
+        }
+    )
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for name, blob in members.items():
@@ -171,12 +190,21 @@ def test_cifar100_folder_resized_with_subsets(tmp_path):
     rng.shuffle(train_labels)
     test_images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     for name, images, labels in (("train", train_images, train_labels), ("test", test_images, np.arange(20))):
-        (folder / name).write_bytes(_pickled({
-            b"filenames": [b"x.png"] * len(labels), b"batch_label": name.encode(), b"fine_labels": labels.tolist(),
-            b"coarse_labels": [0] * len(labels), b"data": planar(images)}))
+        (folder / name).write_bytes(
+            _pickled(
+                {
+                    b"filenames": [b"x.png"] * len(labels),
+                    b"batch_label": name.encode(),
+                    b"fine_labels": labels.tolist(),
+                    b"coarse_labels": [0] * len(labels),
+                    b"data": planar(images),
+                }
+            )
+        )
 
-    directory = prepare_dataset("cifar100", source=tmp_path, data_dir=tmp_path / "data", resolution=16,
-                                n_train=[20, 40])
+    directory = prepare_dataset(
+        "cifar100", source=tmp_path, data_dir=tmp_path / "data", resolution=16, n_train=[20, 40]
+    )
     meta = load_meta(directory)
     assert meta["num_classes"] == 20 and meta["classes"][3] == "fine3" and meta["resolution"] == 16
     assert meta["counts"] == {"train": 60, "test": 20, "train_n20": 20, "train_n40": 40}
@@ -203,6 +231,7 @@ def test_cifar_source_missing_files_names_them(tmp_path):
 
 
 # --- class-folder tree -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def folder_tree(tmp_path) -> Path:
@@ -259,6 +288,7 @@ def test_folder_tree_without_test_split_is_rejected(tmp_path):
 
 # --- downsampled ImageNet --------------------------------------------------------------------
 
+
 def test_imagenet64_npz_batches(tmp_path):
     rng = np.random.default_rng(4)
     source = tmp_path / "Imagenet8"
@@ -269,8 +299,7 @@ def test_imagenet64_npz_batches(tmp_path):
         labels = rng.integers(1, 6, 10)
         labels[0] = 5  # the highest class appears, so num_classes is 5
         batches.append((images, labels))
-        np.savez(source / f"train_data_batch_{number}.npz", data=planar(images), labels=labels,
-                 mean=np.zeros(192))
+        np.savez(source / f"train_data_batch_{number}.npz", data=planar(images), labels=labels, mean=np.zeros(192))
     val_images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     np.savez(source / "val_data.npz", data=planar(val_images), labels=np.arange(1, 6))
 
@@ -286,6 +315,7 @@ def test_imagenet64_npz_batches(tmp_path):
 
 
 # --- interrupted writes ----------------------------------------------------------------------
+
 
 class _FailingDataset:
     """Yields a few good samples, then raises inside the FFCV writer process."""
@@ -304,8 +334,12 @@ class _FailingDataset:
 
 def test_interrupted_beton_write_leaves_no_file(tmp_path):
     with pytest.raises(BetonWriteError):
-        write_beton(tmp_path / "train.beton", np.zeros((1, 8, 8, 3), dtype=np.uint8), None,
-                    dataset=_FailingDataset(fail_at=300, size=600))
+        write_beton(
+            tmp_path / "train.beton",
+            np.zeros((1, 8, 8, 3), dtype=np.uint8),
+            None,
+            dataset=_FailingDataset(fail_at=300, size=600),
+        )
     assert list(tmp_path.iterdir()) == []
     # a failed rewrite leaves the previous complete file untouched
     good = np.full((3, 8, 8, 3), 9, dtype=np.uint8)
@@ -346,14 +380,27 @@ def test_jpeg_mode_reads_back_close(tmp_path):
 
 # --- command line ----------------------------------------------------------------------------
 
+
 def test_cli_missing_source_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "jobs" / "prepare_data.py"), "cifar10",
-                             "--source", str(tmp_path / "missing.tar.gz"), "--data-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "prepare_data.py"),
+            "cifar10",
+            "--source",
+            str(tmp_path / "missing.tar.gz"),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: source {tmp_path / 'missing.tar.gz'} does not exist; "
-        "expected the official python-version .tar.gz or its extracted folder"]
+        "expected the official python-version .tar.gz or its extracted folder"
+    ]
 
 
 def test_cli_in_process(digits_dir, tmp_path, capsys):

@@ -15,14 +15,16 @@ from mlpscale.transfer.config import TransferConfig, add_transfer_arguments, con
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.mark.parametrize("doc, module", [("pretrain.md", "mlpscale.config"),
-                                         ("transfer.md", "mlpscale.transfer.config")])
+@pytest.mark.parametrize(
+    "doc, module", [("pretrain.md", "mlpscale.config"), ("transfer.md", "mlpscale.transfer.config")]
+)
 def test_doc_field_table_is_the_generated_one(doc, module):
     text = (DOCS / doc).read_text()
     assert module in config_fields.doc_table_modules(text), f"docs/{doc} lost its marked {module} field table"
     assert config_fields.regenerate_doc_tables(text) == text, (
         f"docs/{doc}'s field table differs from {module}.fields_table(); regenerate it with: "
-        f"{config_fields.REGENERATE_COMMAND}")
+        f"{config_fields.REGENERATE_COMMAND}"
+    )
 
 
 @pytest.mark.parametrize("config_class", [PretrainConfig, TransferConfig])

@@ -30,10 +30,22 @@ RUN_NAME = "fault-run"
 
 
 def job_overrides(data_root: Path, storage: Path) -> dict:
-    return {"arch": "B_2-Wi_64", "n_train": 600, "epochs": EPOCHS, "batch_size": 32, "schedule": "none",
-            "loader_workers": 1, "checkpoint_every": 1, "keep_checkpoints": 2, "max_failures": 2,
-            "data_dir": str(data_root), "storage_path": str(storage), "experiment": EXPERIMENT, "run_name": RUN_NAME,
-            "log_model": False}
+    return {
+        "arch": "B_2-Wi_64",
+        "n_train": 600,
+        "epochs": EPOCHS,
+        "batch_size": 32,
+        "schedule": "none",
+        "loader_workers": 1,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 2,
+        "max_failures": 2,
+        "data_dir": str(data_root),
+        "storage_path": str(storage),
+        "experiment": EXPERIMENT,
+        "run_name": RUN_NAME,
+        "log_model": False,
+    }
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, float]:
@@ -82,8 +94,9 @@ def epoch_history(client, run_id: str) -> dict[str, list[int]]:
     return {name: [m.step for m in client.get_metric_history(run_id, name)] for name in EPOCH_METRICS}
 
 
-def test_worker_kill_then_driver_kill_then_resume_keep_one_gap_free_history(digits_dir, tracking_uri, tmp_path,
-                                                                           ray_local):
+def test_worker_kill_then_driver_kill_then_resume_keep_one_gap_free_history(
+    digits_dir, tracking_uri, tmp_path, ray_local
+):
     from mlflow.tracking import MlflowClient
 
     from mlpscale.config import load_config
@@ -96,8 +109,14 @@ def test_worker_kill_then_driver_kill_then_resume_keep_one_gap_free_history(digi
     log = tmp_path / "driver.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     with open(log, "wb") as out:
-        driver = subprocess.Popen([sys.executable, "jobs/pretrain.py", *args], cwd=REPO, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            [sys.executable, "jobs/pretrain.py", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         # (a) kill the train worker once Ray Train registered a checkpoint
         wait_for(lambda: latest_checkpoint_epoch(run_dir), "the first registered checkpoint", driver, log)

@@ -45,8 +45,7 @@ def beton(tmp_path_factory):
             return _image(i), i % 10
 
     path = tmp_path_factory.mktemp("beton") / "encoded.beton"
-    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                           num_workers=1)
+    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()}, num_workers=1)
     writer.from_indexed_dataset(Encoded())
     return path
 
@@ -72,8 +71,9 @@ def _epoch(loader, epoch):
 
 @pytest.fixture(scope="module")
 def train(beton):
-    return train_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu",
-                        num_workers=1, seed=3)
+    return train_loader(
+        beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu", num_workers=1, seed=3
+    )
 
 
 def test_train_batches_are_normalised_cropped_flipped_and_follow_labels(train):
@@ -123,8 +123,9 @@ def test_cpu_batches_are_made_in_the_consuming_thread_and_equal_prefetched_ones(
     next(partial)
     assert threading.active_count() == threads, "no prefetch thread"
     partial.close()  # an abandoned epoch releases its memory; the next one starts afresh
-    prefetched = train_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu",
-                              num_workers=1, seed=3)
+    prefetched = train_loader(
+        beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu", num_workers=1, seed=3
+    )
     prefetched.prefetch = True
     inline_batches, prefetched_batches = _epoch(train, 0), _epoch(prefetched, 0)
     assert len(inline_batches) == len(prefetched_batches) == N // BATCH
@@ -138,8 +139,9 @@ def test_cuda_batches_equal_the_cpu_ones_made_ahead_or_on_demand(beton, train):
     """On a GPU FFCV copies each batch on its own stream: both ways must hand over finished batches."""
     cpu_batches = _epoch(train, 0)
     for prefetch in (True, False):
-        loader = train_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cuda",
-                              num_workers=1, seed=3)
+        loader = train_loader(
+            beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cuda", num_workers=1, seed=3
+        )
         loader.prefetch = prefetch
         for _ in range(2):  # the second pass reuses the memory slots the first one filled
             batches = _epoch(loader, 0)
@@ -152,8 +154,17 @@ def test_cuda_batches_equal_the_cpu_ones_made_ahead_or_on_demand(beton, train):
 
 def test_mixup_mixes_the_same_crops_as_an_unmixed_loader_with_the_same_seed(beton, train):
     """Two threads here, one in `train`: crops and flips do not depend on the thread count."""
-    mixed_loader = train_loader(beton, batch_size=BATCH, resolution=RES, mean=MEAN, std=STD, device="cpu",
-                                num_workers=2, seed=3, mixup_alpha=0.4)
+    mixed_loader = train_loader(
+        beton,
+        batch_size=BATCH,
+        resolution=RES,
+        mean=MEAN,
+        std=STD,
+        device="cpu",
+        num_workers=2,
+        seed=3,
+        mixup_alpha=0.4,
+    )
     plain, mixed = _epoch(train, 0), _epoch(mixed_loader, 0)
     lams = []
     for p, m in zip(plain, mixed):
@@ -183,8 +194,7 @@ def test_eval_covers_every_example_once_in_order_without_augmentation(beton):
 
 
 def test_eval_upscales_to_a_larger_resolution(beton):
-    loader = eval_loader(beton, batch_size=128, resolution=2 * RES, mean=MEAN, std=STD, device="cpu",
-                         num_workers=1)
+    loader = eval_loader(beton, batch_size=128, resolution=2 * RES, mean=MEAN, std=STD, device="cpu", num_workers=1)
     batch = next(iter(loader))
     assert batch.images.shape == (128, 3, 2 * RES, 2 * RES)
     np.testing.assert_array_equal(_ids(batch.images), np.arange(128))
@@ -204,17 +214,29 @@ def test_eval_decodes_jpeg_images(tmp_path):
             return _image(8 * i), i % 10
 
     path = tmp_path / "jpeg.beton"
-    DatasetWriter(str(path), {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()},
-                  num_workers=1).from_indexed_dataset(Encoded())
-    batch = next(iter(eval_loader(path, batch_size=32, resolution=RES, mean=MEAN, std=STD, device="cpu",
-                                  num_workers=1)))
+    DatasetWriter(
+        str(path), {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()}, num_workers=1
+    ).from_indexed_dataset(Encoded())
+    batch = next(
+        iter(eval_loader(path, batch_size=32, resolution=RES, mean=MEAN, std=STD, device="cpu", num_workers=1))
+    )
     assert batch.images.shape == (32, 3, RES, RES)
     np.testing.assert_allclose(_raw(batch.images)[:, 0, RES // 2, RES // 2], 8 * np.arange(32), atol=6)
 
 
 def test_tta_passes_keep_file_order_draw_new_crops_and_replay(beton):
-    loader = tta_loader(beton, batch_size=100, resolution=RES, mean=MEAN, std=STD, device="cpu",
-                        scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), seed=5, num_workers=1)
+    loader = tta_loader(
+        beton,
+        batch_size=100,
+        resolution=RES,
+        mean=MEAN,
+        std=STD,
+        device="cpu",
+        scale=(0.25, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        seed=5,
+        num_workers=1,
+    )
     first, second = list(loader), list(loader)
     assert [len(b.labels) for b in first] == [100, 100, 56]
     np.testing.assert_array_equal(_ids(torch.cat([b.images for b in first])), np.arange(N))
@@ -272,9 +294,16 @@ def test_distributed_ranks_read_disjoint_shards(beton, tmp_path):
 
     store = tmp_path / "store"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(rank), str(store), str(beton)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for rank in range(2)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARD_SCRIPT, str(rank), str(store), str(beton)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(2)
+    ]
     shards = []
     for process in ranks:
         out, err = process.communicate(timeout=300)
@@ -292,8 +321,13 @@ def _decoded(beton, decoder, batch_size=N):
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
-    loader = Loader(str(beton), batch_size=batch_size, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    loader = Loader(
+        str(beton),
+        batch_size=batch_size,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]},
+    )
     images, _ = next(iter(loader))
     return images.clone()
 
@@ -309,8 +343,7 @@ def test_accelerator_decoders_emit_the_uint8_pixels_the_cpu_decoders_normalise(b
 
     crop = dict(scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), seed=11, flip=True)
     raw = _decoded(beton, SeededRandomResizedCrop((RES, RES), epoch=EpochCell(), **crop))
-    normalised = _decoded(beton, SeededRandomResizedCrop((RES, RES), epoch=EpochCell(), normalize=(MEAN, STD),
-                                                         **crop))
+    normalised = _decoded(beton, SeededRandomResizedCrop((RES, RES), epoch=EpochCell(), normalize=(MEAN, STD), **crop))
     assert normalised.dtype == torch.float32
     np.testing.assert_allclose(_raw(normalised), raw.numpy().astype(np.float32), atol=1e-3)
     ramps = raw[:, 2, 0, :].numpy().astype(int)

@@ -11,13 +11,26 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlpscale.errors import MlpscaleError
-from mlpscale.models import (ArchSpec, build_model, count_params, estimate_training_memory, model_stats,
-                             parse_arch, training_compute)
+from mlpscale.models import (
+    ArchSpec,
+    build_model,
+    count_params,
+    estimate_training_memory,
+    model_stats,
+    parse_arch,
+    training_compute,
+)
 from mlpscale.paths import repo_root
 
 # Paper Table 3: 64x64x3 input, 11,230 classes (ImageNet-21k), params in millions as printed (truncated).
-TABLE_3 = {"B_6-Wi_256": 9, "B_12-Wi_256": 12, "B_6-Wi_512": 24,
-           "B_12-Wi_512": 37, "B_6-Wi_1024": 74, "B_12-Wi_1024": 124}
+TABLE_3 = {
+    "B_6-Wi_256": 9,
+    "B_12-Wi_256": 12,
+    "B_6-Wi_512": 24,
+    "B_12-Wi_512": 37,
+    "B_6-Wi_1024": 74,
+    "B_12-Wi_1024": 124,
+}
 
 
 @pytest.mark.parametrize("arch, millions", TABLE_3.items())
@@ -43,32 +56,52 @@ def test_table_7_holds_for_the_instantiated_model():
     assert counter.get_total_flops() == 2 * stats["forward_flops"]  # torch counts a MAC as 2 FLOPs
 
 
-@pytest.mark.parametrize("name, spec", [
-    ("B_6-Wi_1024", ArchSpec("B", 6, 1024)),
-    ("S_3-Wi_17", ArchSpec("S", 3, 17)),
-    (" B_12-Wi_768 ", ArchSpec("B", 12, 768)),
-])
+@pytest.mark.parametrize(
+    "name, spec",
+    [
+        ("B_6-Wi_1024", ArchSpec("B", 6, 1024)),
+        ("S_3-Wi_17", ArchSpec("S", 3, 17)),
+        (" B_12-Wi_768 ", ArchSpec("B", 12, 768)),
+    ],
+)
 def test_parse_arch_accepts_any_depth_and_width(name, spec):
     assert parse_arch(name) == spec
     assert parse_arch(name).name == name.strip()
 
 
-@pytest.mark.parametrize("bad", ["B6-Wi_1024", "B_6-W_1024", "M_6-Wi_1024", "B_6-Wi_", "b_6-wi_64",
-                                 "B_0-Wi_64", "B_6-Wi_0", "B_-1-Wi_64", "", "resnet18"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "B6-Wi_1024",
+        "B_6-W_1024",
+        "M_6-Wi_1024",
+        "B_6-Wi_",
+        "b_6-wi_64",
+        "B_0-Wi_64",
+        "B_6-Wi_0",
+        "B_-1-Wi_64",
+        "",
+        "resnet18",
+    ],
+)
 def test_bad_names_raise_with_the_grammar(bad):
     with pytest.raises(MlpscaleError, match=r"B_<depth>-Wi_<width>"):
         parse_arch(bad)
 
 
 @pytest.mark.parametrize("arch", ["B_2-Wi_32", "S_2-Wi_32"])
-@pytest.mark.parametrize("activation, normalization, dropout, final_norm", [
-    ("gelu", "layer", 0.0, False),
-    ("relu", "batch", 0.1, True),
-    ("gelu", "none", 0.5, False),
-])
+@pytest.mark.parametrize(
+    "activation, normalization, dropout, final_norm",
+    [
+        ("gelu", "layer", 0.0, False),
+        ("relu", "batch", 0.1, True),
+        ("gelu", "none", 0.5, False),
+    ],
+)
 def test_forward_shapes_and_counts_for_every_option(arch, activation, normalization, dropout, final_norm):
-    options = dict(resolution=8, num_classes=7, in_channels=3, expansion=3, normalization=normalization,
-                   final_norm=final_norm)
+    options = dict(
+        resolution=8, num_classes=7, in_channels=3, expansion=3, normalization=normalization, final_norm=final_norm
+    )
     model = build_model(arch, activation=activation, dropout=dropout, **options)
     images = torch.randn(5, 3, 8, 8)
     model.train()
@@ -96,8 +129,11 @@ def test_blocks_follow_the_paper_layout():
     assert (block.expand.in_features, block.expand.out_features) == (4, 16)
     assert (block.collapse.in_features, block.collapse.out_features) == (16, 4)
     x = torch.randn(6, 4)
-    expected = x + block.collapse(torch.nn.functional.gelu(block.expand(torch.nn.functional.layer_norm(
-        x, (4,), block.norm.weight, block.norm.bias))))
+    expected = x + block.collapse(
+        torch.nn.functional.gelu(
+            block.expand(torch.nn.functional.layer_norm(x, (4,), block.norm.weight, block.norm.bias))
+        )
+    )
     assert torch.allclose(block(x), expected)
     standard = build_model("S_1-Wi_4", resolution=2, num_classes=3, in_channels=1, activation="relu").blocks[0]
     expected = standard.linear(torch.relu(standard.norm(x)))
@@ -156,9 +192,28 @@ def test_memory_estimate_parts():
 
 def test_model_info_job_prints_json():
     result = subprocess.run(
-        [sys.executable, "jobs/model_info.py", "B_12-Wi_768", "--resolution", "64", "--num-classes", "1000",
-         "--n-train", "1000", "--epochs", "2", "--batch-size", "256", "--optimizer", "adamw"],
-        cwd=repo_root(), capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "jobs/model_info.py",
+            "B_12-Wi_768",
+            "--resolution",
+            "64",
+            "--num-classes",
+            "1000",
+            "--n-train",
+            "1000",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--optimizer",
+            "adamw",
+        ],
+        cwd=repo_root(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     stats = model_stats("B_12-Wi_768", resolution=64, num_classes=1000)
@@ -166,8 +221,9 @@ def test_model_info_job_prints_json():
     assert info["params"] == stats["num_params"]
     assert info["forward_flops"] == stats["forward_flops"]
     assert info["compute_flops"] == 3 * stats["forward_flops"] * 1000 * 2
-    memory = estimate_training_memory("B_12-Wi_768", resolution=64, num_classes=1000, batch_size=256,
-                                      optimizer="adamw", precision="bf16")
+    memory = estimate_training_memory(
+        "B_12-Wi_768", resolution=64, num_classes=1000, batch_size=256, optimizer="adamw", precision="bf16"
+    )
     assert {k: info["memory"][k] for k in memory} == memory
     assert info["memory"]["total_gib"] == pytest.approx(memory["total"] / 2**30, abs=1e-3)
 
@@ -210,8 +266,9 @@ def test_bf16_activation_estimate_covers_what_autograd_saves_under_autocast(arch
     CUDA) may be above the CPU's measure by those 2 bytes per norm input value, never below it."""
     options = dict(resolution=16, num_classes=200)  # enough classes for the fp32 log-probabilities to count
     batch = 24  # unlike any weight's shape
-    measured = _bytes_saved_for_backward(build_model(arch, **options), torch.randn(batch, 3, 16, 16),
-                                         torch.randint(0, 200, (batch,)), bf16=True)
+    measured = _bytes_saved_for_backward(
+        build_model(arch, **options), torch.randn(batch, 3, 16, 16), torch.randint(0, 200, (batch,)), bf16=True
+    )
     estimate = estimate_training_memory(arch, batch_size=batch, precision="bf16", **options)["activations"]
     assert measured <= estimate < measured * 1.1
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import nonfinite_loss_worker
 
 from mlpscale import tracking
 from mlpscale.config import load_config
@@ -20,20 +21,26 @@ from mlpscale.models import model_stats
 from mlpscale.train.pretrain import run_pretraining
 from mlpscale.train.runs import RUN_FILE, has_checkpoint
 
-from faults import nonfinite_loss_worker
-
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pretrain_job", REPO / "jobs" / "pretrain.py")
 pretrain_job = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pretrain_job)
 
-TINY = {"arch": "B_2-Wi_32", "epochs": 2, "batch_size": 64, "n_train": 300, "lr": 1e-3, "loader_workers": 1,
-        "warmup_epochs": 0.5}
+TINY = {
+    "arch": "B_2-Wi_32",
+    "epochs": 2,
+    "batch_size": 64,
+    "n_train": 300,
+    "lr": 1e-3,
+    "loader_workers": 1,
+    "warmup_epochs": 0.5,
+}
 
 
 def tiny(digits_dir, tmp_path, **overrides):
-    return load_config(overrides={**TINY, "data_dir": str(digits_dir), "storage_path": str(tmp_path / "ray"),
-                                  **overrides})
+    return load_config(
+        overrides={**TINY, "data_dir": str(digits_dir), "storage_path": str(tmp_path / "ray"), **overrides}
+    )
 
 
 def metric_steps(mlflow_client, run_id, name):
@@ -41,8 +48,15 @@ def metric_steps(mlflow_client, run_id, name):
 
 
 def test_end_to_end_run_record_model_and_resume(digits_dir, tracking_uri, tmp_path, ray_local):
-    cfg = tiny(digits_dir, tmp_path, run_name="e2e", register="tiny-digits", mixup_alpha=0.2,
-               label_smoothing=0.1, grad_clip=1.0)
+    cfg = tiny(
+        digits_dir,
+        tmp_path,
+        run_name="e2e",
+        register="tiny-digits",
+        mixup_alpha=0.2,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+    )
     result = run_pretraining(cfg)
     mlflow_client = tracking.client(tracking_uri)
     run = mlflow_client.get_run(result.run_id)
@@ -84,8 +98,9 @@ def test_end_to_end_run_record_model_and_resume(digits_dir, tracking_uri, tmp_pa
         run_pretraining(longer)
 
 
-def test_nonfinite_loss_marks_the_run_failed_and_keeps_checkpoints(digits_dir, tracking_uri, tmp_path,
-                                                                    ray_local, monkeypatch):
+def test_nonfinite_loss_marks_the_run_failed_and_keeps_checkpoints(
+    digits_dir, tracking_uri, tmp_path, ray_local, monkeypatch
+):
     # the loss turns NaN at the first step of epoch 2 (epoch 1 has 300 // 64 steps of 64 of the 300 digits)
     monkeypatch.setattr("mlpscale.train.loop.train_loop_per_worker", nonfinite_loss_worker(after_steps=300 // 64))
     cfg = tiny(digits_dir, tmp_path, run_name="nan", arch="S_1-Wi_16")
@@ -109,8 +124,9 @@ def test_data_parallel_two_workers(digits_dir, tracking_uri, tmp_path, ray_local
 
 
 def test_dry_run_prints_compute_and_memory(digits_dir, capsys):
-    code = pretrain_job.main(["--dry-run", "--data-dir", str(digits_dir), "--arch", "B_2-Wi_32",
-                              "--n-train", "600", "--epochs", "3"])
+    code = pretrain_job.main(
+        ["--dry-run", "--data-dir", str(digits_dir), "--arch", "B_2-Wi_32", "--n-train", "600", "--epochs", "3"]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     flops = model_stats("B_2-Wi_32", resolution=16, num_classes=10)["forward_flops"]
@@ -119,7 +135,6 @@ def test_dry_run_prints_compute_and_memory(digits_dir, capsys):
     assert report["compute_total"] == 3 * flops * 600 * 3
     assert report["params"]["n_train"] == 600
     assert report["estimated_peak_memory_bytes"] > 0 and report["device_memory_bytes"] > 0
-
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="plans GPU workers from a machine without a GPU")
@@ -131,6 +146,7 @@ def test_dry_run_for_gpu_workers_from_a_machine_without_one(digits_dir, capsys):
     assert report["precision"] == "bf16" and report["fits"] is None and report["device_memory_bytes"] is None
     assert report["estimated_peak_memory_bytes"] > 0
 
+
 @pytest.fixture
 def mismatched_dir(digits_dir, tmp_path):
     """A copy of the 16 px digits filed under res32: its meta.json says 16."""
@@ -139,14 +155,17 @@ def mismatched_dir(digits_dir, tmp_path):
     return tmp_path / "data"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--arch", "C_3-Wi_10"], "unknown architecture 'C_3-Wi_10'"),
-    (["--n-train", "450"], "prepare_data.py digits --resolution 16 --n-train 450"),
-    (["--n-train", "300", "--batch-size", "512"], "batch_size=512 is larger than the 300"),
-    (["--tracking-uri", "http://127.0.0.1:9"], "http://127.0.0.1:9"),
-    (["--optimizer", "adam"], "lion, adamw, sgd"),
-    (["--resume", "--run-name", "never-ran"], "nothing to resume for run name 'never-ran'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--arch", "C_3-Wi_10"], "unknown architecture 'C_3-Wi_10'"),
+        (["--n-train", "450"], "prepare_data.py digits --resolution 16 --n-train 450"),
+        (["--n-train", "300", "--batch-size", "512"], "batch_size=512 is larger than the 300"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "http://127.0.0.1:9"),
+        (["--optimizer", "adam"], "lion, adamw, sgd"),
+        (["--resume", "--run-name", "never-ran"], "nothing to resume for run name 'never-ran'"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, message, digits_dir, tracking_uri, tmp_path, capsys):
     code = pretrain_job.main(["--data-dir", str(digits_dir), "--storage-path", str(tmp_path / "ray"), *args])
     err = capsys.readouterr().err
@@ -162,8 +181,12 @@ def test_resolution_mismatch_and_missing_dataset(mismatched_dir, tmp_path, capsy
 
 
 def test_cli_exit_code_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "pretrain.py"), "--data-dir", str(tmp_path),
-                           "--epochs", "-3"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--data-dir", str(tmp_path), "--epochs", "-3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "epochs=-3 must be positive" in done.stderr and "Traceback" not in done.stderr
 
@@ -182,7 +205,11 @@ print(kept, dist.is_initialized())
 
 def test_a_single_worker_closes_the_process_group_ray_train_opens(tmp_path):
     """A real gloo group of one: closed for world size 1 (its thread wakes 100x/s), kept otherwise."""
-    out = subprocess.run([sys.executable, "-c", SINGLE_GROUP_SCRIPT, str(tmp_path / "store")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", SINGLE_GROUP_SCRIPT, str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False"]

@@ -32,8 +32,16 @@ def grid_points(seed: int = 0, sizes=5, epochs=(1, 2, 4, 8)) -> pd.DataFrame:
         for n in np.logspace(4, 6.5, sizes):
             for t in epochs:
                 error = (joint_law(p, n, **TRUE) + 0.3 / t) * np.exp(rng.normal(0, NOISE))
-                rows.append({"run_id": f"P{p:.0f}-N{n:.0f}", "num_params": p, "n_train": n, "epoch": t,
-                             "compute_flops": 3 * p * n * t, "error": error})
+                rows.append(
+                    {
+                        "run_id": f"P{p:.0f}-N{n:.0f}",
+                        "num_params": p,
+                        "n_train": n,
+                        "epoch": t,
+                        "compute_flops": 3 * p * n * t,
+                        "error": error,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -87,26 +95,32 @@ def test_frontier_allocation_splits_compute_between_params_and_data():
 
 
 def test_compute_frontier_on_hand_made_points():
-    points = pd.DataFrame({
-        "run_id": list("abcdefg"),
-        "compute_flops": [1.0, 2.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        "error": [0.9, 0.8, 0.7, 0.75, 0.6, 0.6, 0.5],
-        "num_params": 1.0, "n_train": 1.0, "epoch": 1.0,
-    })
+    points = pd.DataFrame(
+        {
+            "run_id": list("abcdefg"),
+            "compute_flops": [1.0, 2.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            "error": [0.9, 0.8, 0.7, 0.75, 0.6, 0.6, 0.5],
+            "num_params": 1.0,
+            "n_train": 1.0,
+            "epoch": 1.0,
+        }
+    )
     frontier = compute_frontier(points)
     # c at compute 2 beats b there; d is worse than c; f only ties e, so it is not a strict improvement
     assert list(frontier["run_id"]) == ["a", "c", "e", "g"]
 
 
 def test_bottlenecked_points_on_hand_made_grid():
-    points = pd.DataFrame({
-        "run_id": ["s1", "s1", "s2", "l1", "l2", "l2"],
-        "num_params": [10, 10, 10, 100, 100, 100],
-        "n_train": [50, 50, 500, 50, 500, 500],
-        "epoch": [1, 2, 1, 1, 1, 2],
-        "compute_flops": [1, 2, 3, 4, 5, 6],
-        "error": [0.5, 0.4, 0.45, 0.35, 0.3, 0.2],
-    }).astype({"num_params": float, "n_train": float, "epoch": float, "compute_flops": float})
+    points = pd.DataFrame(
+        {
+            "run_id": ["s1", "s1", "s2", "l1", "l2", "l2"],
+            "num_params": [10, 10, 10, 100, 100, 100],
+            "n_train": [50, 50, 500, 50, 500, 500],
+            "epoch": [1, 2, 1, 1, 1, 2],
+            "compute_flops": [1, 2, 3, 4, 5, 6],
+            "error": [0.5, 0.4, 0.45, 0.35, 0.3, 0.2],
+        }
+    ).astype({"num_params": float, "n_train": float, "epoch": float, "compute_flops": float})
     by_params = params_bottlenecked(points)  # only runs at n_train = 500
     assert list(zip(by_params["num_params"], by_params["error"])) == [(10, 0.45), (100, 0.2)]
     by_data = data_bottlenecked(points)  # best over sizes and epochs
@@ -129,8 +143,16 @@ def test_a_pinned_exponent_is_reported_not_returned_as_numbers():
     assert fit.status == "not_converged" and "alpha" in fit.message
     # a study whose error grows with model size: the params law has no usable fit, so no numbers
     sizes = np.logspace(6, 8, 6)
-    study = pd.DataFrame({"run_id": [f"r{i}" for i in range(6)], "num_params": sizes, "n_train": 1000.0,
-                          "epoch": 1.0, "compute_flops": 3e3 * sizes, "error": np.linspace(0.2, 0.3, 6)})
+    study = pd.DataFrame(
+        {
+            "run_id": [f"r{i}" for i in range(6)],
+            "num_params": sizes,
+            "n_train": 1000.0,
+            "epoch": 1.0,
+            "compute_flops": 3e3 * sizes,
+            "error": np.linspace(0.2, 0.3, 6),
+        }
+    )
     document = analyse(study, n_boot=5).document
     assert document["params_law"]["status"] == "not_converged"
     assert document["params_law"]["alpha"] is None and document["params_law"]["ci"] is None
@@ -166,8 +188,22 @@ def test_cli_points_file_prediction_and_user_error(tmp_path, capsys):
     parquet = tmp_path / "points.parquet"
     grid_points(sizes=4).to_parquet(parquet)
     out = tmp_path / "out"
-    assert job.main(["--points", str(parquet), "--out", str(out), "--bootstrap", "10", "--no-mlflow",
-                     "--predict-compute", "1e17"]) == 0
+    assert (
+        job.main(
+            [
+                "--points",
+                str(parquet),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "10",
+                "--no-mlflow",
+                "--predict-compute",
+                "1e17",
+            ]
+        )
+        == 0
+    )
     document = json.loads((out / "fit.json").read_text())
     prediction = document["prediction"]
     assert prediction["compute_flops"] == 1e17
@@ -189,29 +225,46 @@ def _log_study(uri: str, experiment: str) -> dict:
     rng = np.random.default_rng(3)
     study_law = {**TRUE, "B": 4.0}  # errors stay below 1 (val_top1 > 0)
     logged = {}
-    for i, width in enumerate((32, 64, 128, 256)):
+    for width in (32, 64, 128, 256):
         for n_train in (1000, 4000, 16000, 64000):
-            num_params, flops = 1000 * width ** 2, 990 * width ** 2
-            run = client.create_run(experiment_id, run_name=f"B_2-Wi_{width}-n{n_train}",
-                                    tags={"mlpscale.job": "trial", "mlpscale.sweep_id": sweep,
-                                          "mlflow.parentRunId": sweep})
-            params = {"arch": f"B_2-Wi_{width}", "num_params": num_params, "forward_flops": flops,
-                      "n_train": n_train, "epochs": 3, "schedule": "none", "dataset": "synthetic"}
+            num_params, flops = 1000 * width**2, 990 * width**2
+            run = client.create_run(
+                experiment_id,
+                run_name=f"B_2-Wi_{width}-n{n_train}",
+                tags={"mlpscale.job": "trial", "mlpscale.sweep_id": sweep, "mlflow.parentRunId": sweep},
+            )
+            params = {
+                "arch": f"B_2-Wi_{width}",
+                "num_params": num_params,
+                "forward_flops": flops,
+                "n_train": n_train,
+                "epochs": 3,
+                "schedule": "none",
+                "dataset": "synthetic",
+            }
             metrics = []
             for epoch in (1, 2, 3):
                 error = (joint_law(num_params, n_train, **study_law) + 0.2 / epoch) * np.exp(rng.normal(0, NOISE))
-                metrics += [Metric("val_top1", 1 - error, 0, epoch),
-                            Metric("compute_flops", 3.0 * flops * n_train * epoch, 0, epoch)]
-            client.log_batch(run.info.run_id, metrics=metrics,
-                             params=[Param(k, str(v)) for k, v in params.items()])
+                metrics += [
+                    Metric("val_top1", 1 - error, 0, epoch),
+                    Metric("compute_flops", 3.0 * flops * n_train * epoch, 0, epoch),
+                ]
+            client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
             client.set_terminated(run.info.run_id)
             logged[run.info.run_id] = 3
     no_params = client.create_run(experiment_id, run_name="no-params", tags={"mlpscale.job": "pretrain"})
     client.log_metric(no_params.info.run_id, "val_top1", 0.5, step=1)
     cosine = client.create_run(experiment_id, run_name="cosine-nan", tags={"mlpscale.job": "pretrain"})
-    client.log_batch(cosine.info.run_id, params=[Param("num_params", "5e6"), Param("forward_flops", "5e6"),
-                                                 Param("n_train", "1000"), Param("schedule", "cosine")],
-                     metrics=[Metric("val_top1", float("nan"), 0, 1), Metric("val_top1", 0.05, 0, 2)])
+    client.log_batch(
+        cosine.info.run_id,
+        params=[
+            Param("num_params", "5e6"),
+            Param("forward_flops", "5e6"),
+            Param("n_train", "1000"),
+            Param("schedule", "cosine"),
+        ],
+        metrics=[Metric("val_top1", float("nan"), 0, 1), Metric("val_top1", 0.05, 0, 2)],
+    )
     return {"grid": logged, "no_params": no_params.info.run_id, "sweep": sweep, "experiment_id": experiment_id}
 
 
@@ -223,10 +276,22 @@ def test_fit_job_end_to_end_from_mlflow(tmp_path, tracking_uri):
     out = tmp_path / "fit"
     outcome = run_scaling_fit(FitOptions(experiment="study", out=str(out), bootstrap=20, seed=1))
     document = json.loads((out / "fit.json").read_text())
-    assert set(document) >= {"compute_law", "params_law", "data_law", "allocation", "goodness_of_fit", "counts",
-                             "status", "warnings", "skipped_runs"}
-    for law, keys in (("compute_law", {"a", "b", "alpha", "e_inf", "ci"}),
-                      ("params_law", {"a", "alpha", "e_inf", "ci"}), ("data_law", {"a", "alpha", "e_inf", "ci"})):
+    assert set(document) >= {
+        "compute_law",
+        "params_law",
+        "data_law",
+        "allocation",
+        "goodness_of_fit",
+        "counts",
+        "status",
+        "warnings",
+        "skipped_runs",
+    }
+    for law, keys in (
+        ("compute_law", {"a", "b", "alpha", "e_inf", "ci"}),
+        ("params_law", {"a", "alpha", "e_inf", "ci"}),
+        ("data_law", {"a", "alpha", "e_inf", "ci"}),
+    ):
         assert set(document[law]) >= keys | {"status"}
         assert document[law]["status"] == "ok", document[law]["message"]
         low, high = document[law]["ci"]["alpha"]
@@ -254,12 +319,15 @@ def test_fit_job_end_to_end_from_mlflow(tmp_path, tracking_uri):
     assert run.data.metrics["compute_law.alpha"] == pytest.approx(document["compute_law"]["alpha"])
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"fit.json", "points.parquet", "plots"} <= artifacts
-    assert {a.path for a in client.list_artifacts(outcome.run_id, "plots")} >= {"plots/compute.png",
-                                                                               "plots/compute.svg"}
+    assert {a.path for a in client.list_artifacts(outcome.run_id, "plots")} >= {
+        "plots/compute.png",
+        "plots/compute.svg",
+    }
 
     # the same study read as a sweep, final epochs only: the fit run of the first call is not a point
-    by_sweep = run_scaling_fit(FitOptions(sweep=study["sweep"], epochs="final", out=str(tmp_path / "sweep"),
-                                          bootstrap=0, log_mlflow=False))
+    by_sweep = run_scaling_fit(
+        FitOptions(sweep=study["sweep"], epochs="final", out=str(tmp_path / "sweep"), bootstrap=0, log_mlflow=False)
+    )
     assert by_sweep.document["counts"]["runs"] == 16 and by_sweep.document["counts"]["points"] == 16
     with pytest.raises(MlpscaleError, match="no such experiment"):
         run_scaling_fit(FitOptions(experiment="nope", out=str(tmp_path / "x")))

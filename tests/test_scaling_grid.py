@@ -15,9 +15,19 @@ ARCHS, SUBSETS = ["B_1-Wi_16", "B_2-Wi_32"], [300, 600]
 
 
 def tiny_overrides(digits_dir, tmp_path, uri) -> dict:
-    return {"dataset": "digits", "resolution": 16, "data_dir": str(digits_dir), "epochs": 2, "batch_size": 64,
-            "loader_workers": 1, "storage_path": str(tmp_path / "ray"), "tracking_uri": uri,
-            "experiment": "grid", "precision": "fp32", "log_model": False}
+    return {
+        "dataset": "digits",
+        "resolution": 16,
+        "data_dir": str(digits_dir),
+        "epochs": 2,
+        "batch_size": 64,
+        "loader_workers": 1,
+        "storage_path": str(tmp_path / "ray"),
+        "tracking_uri": uri,
+        "experiment": "grid",
+        "precision": "fp32",
+        "log_model": False,
+    }
 
 
 def test_grid_then_fit_reads_every_trial(digits_dir, tmp_path, tracking_uri, ray_local):
@@ -26,15 +36,17 @@ def test_grid_then_fit_reads_every_trial(digits_dir, tmp_path, tracking_uri, ray
     from mlpscale.scaling.grid import run_scaling_grid
     from mlpscale.scaling.job import FitOptions, run_scaling_fit
 
-    plan = plan_grid(archs=",".join(ARCHS), n_train="600,300",
-                     overrides=tiny_overrides(digits_dir, tmp_path, tracking_uri))
+    plan = plan_grid(
+        archs=",".join(ARCHS), n_train="600,300", overrides=tiny_overrides(digits_dir, tmp_path, tracking_uri)
+    )
     assert plan.base.schedule == "none" and plan.n_train == SUBSETS
     result = run_scaling_grid(plan, name="tiny-grid", storage_path=str(tmp_path / "ray"), max_concurrent=2)
     assert result.errors == 0
 
     client = MlflowClient(tracking_uri)
-    trials = client.search_runs([client.get_experiment_by_name("grid").experiment_id],
-                                filter_string="tags.`mlpscale.sweep_id` = 'tiny-grid'")
+    trials = client.search_runs(
+        [client.get_experiment_by_name("grid").experiment_id], filter_string="tags.`mlpscale.sweep_id` = 'tiny-grid'"
+    )
     trials = [t for t in trials if t.data.tags.get("mlpscale.job") == "trial"]
     pairs = {(t.data.params["arch"], int(t.data.params["n_train"])) for t in trials}
     assert pairs == {(a, n) for a in ARCHS for n in SUBSETS}

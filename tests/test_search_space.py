@@ -33,15 +33,20 @@ def test_shipped_spaces_load_and_fit_the_config(name):
 
 
 def test_every_distribution_kind_is_accepted(tmp_path):
-    space = load_space(write_space(tmp_path, {
-        "lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2},
-        "label_smoothing": {"distribution": "uniform", "low": 0.0, "high": 0.3},
-        "epochs": {"distribution": "int", "low": 2, "high": 3},
-        "batch_size": {"distribution": "int", "low": 16, "high": 64, "log": True},
-        "optimizer": {"distribution": "choice", "values": ["lion", "adamw"]},
-        "mixup_alpha": {"distribution": "grid", "values": [0.0, 0.8]},
-        "crop_scale": {"distribution": "choice", "values": [[0.08, 1.0], [0.35, 1.0]]},
-    }))
+    space = load_space(
+        write_space(
+            tmp_path,
+            {
+                "lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2},
+                "label_smoothing": {"distribution": "uniform", "low": 0.0, "high": 0.3},
+                "epochs": {"distribution": "int", "low": 2, "high": 3},
+                "batch_size": {"distribution": "int", "low": 16, "high": 64, "log": True},
+                "optimizer": {"distribution": "choice", "values": ["lion", "adamw"]},
+                "mixup_alpha": {"distribution": "grid", "values": [0.0, 0.8]},
+                "crop_scale": {"distribution": "choice", "values": [[0.08, 1.0], [0.35, 1.0]]},
+            },
+        )
+    )
     assert space.has_grid and space.grid_size == 2
     domains = to_tune_space(space)
     for _ in range(20):
@@ -51,8 +56,10 @@ def test_every_distribution_kind_is_accepted(tmp_path):
 
 
 BAD_SPACES = [
-    ({"learning_rate": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}},
-     ["'learning_rate'", "not a pretrain config field", "lr"]),
+    (
+        {"learning_rate": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}},
+        ["'learning_rate'", "not a pretrain config field", "lr"],
+    ),
     ({"lr": {"distribution": "gaussian", "low": 1e-4, "high": 1e-2}}, ["'lr'", "unknown distribution", "loguniform"]),
     ({"lr": {"distribution": "loguniform", "low": 1e-2, "high": 1e-4}}, ["'lr'", "must be smaller than high"]),
     ({"lr": {"distribution": "loguniform", "low": 0.0, "high": 1e-2}}, ["'lr'", "low > 0"]),
@@ -66,7 +73,10 @@ BAD_SPACES = [
     ({"batch_size": {"distribution": "uniform", "low": 16, "high": 64}}, ["'batch_size'", "use distribution 'int'"]),
     ({"lr": {"distribution": "int", "low": 1, "high": 3}}, ["'lr'", "needs an integer field"]),
     ({"epochs": {"distribution": "int", "low": 1.5, "high": 3}}, ["'epochs'", "whole number"]),
-    ({"optimizer": {"distribution": "choice", "values": ["lion", "adam"]}}, ["'optimizer'", "lion, adamw, sgd", "adam"]),
+    (
+        {"optimizer": {"distribution": "choice", "values": ["lion", "adam"]}},
+        ["'optimizer'", "lion, adamw, sgd", "adam"],
+    ),
     ({"arch": {"distribution": "uniform", "low": 1, "high": 2}}, ["'arch'", "not numeric"]),
     ({"experiment": {"distribution": "choice", "values": ["a", "b"]}}, ["'experiment'", "cannot be searched"]),
     ({"mixup_alpha": {"distribution": "grid", "values": [0.8, 0.8]}}, ["'mixup_alpha'", "duplicates"]),
@@ -128,8 +138,16 @@ def test_a_trial_applies_its_sampled_values_to_the_typed_base_config():
     from mlpscale.tune.trial import SweepContext, trial_config
 
     base = PretrainConfig(epochs=4, batch_size=32, lr=1e-3, experiment="base-exp")
-    context = SweepContext(sweep_id="s", parent_run_id="p", tracking_uri="sqlite:///x.db", experiment="sweeps",
-                           base_config=base, train_storage="/tmp/train", lr_scaling="linear", base_batch_size=32)
+    context = SweepContext(
+        sweep_id="s",
+        parent_run_id="p",
+        tracking_uri="sqlite:///x.db",
+        experiment="sweeps",
+        base_config=base,
+        train_storage="/tmp/train",
+        lr_scaling="linear",
+        base_batch_size=32,
+    )
     sampled = {"lr": 2e-3, "batch_size": 64, "crop_scale": tune_value((0.08, 1.0))}  # as Tune hands them over
     cfg, extra = trial_config(context, sampled)
     assert cfg.crop_scale == (0.08, 1.0) and cfg.batch_size == 64 and cfg.epochs == 4

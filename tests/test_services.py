@@ -34,8 +34,11 @@ def free_port() -> int:
 
 def client_env(**extra: str) -> dict[str, str]:
     """A shell's environment without any tracking or cluster address of the test session."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLPSCALE_SERVICES_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLPSCALE_SERVICES_DIR")
+    }
     env.update(extra)
     return env
 
@@ -45,18 +48,33 @@ def head():
     """`jobs/services.py up` on free ports; always `down` at the end."""
     # Ray's unix sockets live under its temp dir: keep the path short (pytest's tmp dirs are long).
     state_dir = Path(tempfile.mkdtemp(prefix="mlps-svc-", dir="/tmp"))
-    ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "AGENT_PORT": free_port(),
-             "MLFLOW_PORT": free_port(), "RAY_CLIENT_PORT": free_port()}
+    ports = {
+        "RAY_PORT": free_port(),
+        "DASHBOARD_PORT": free_port(),
+        "AGENT_PORT": free_port(),
+        "MLFLOW_PORT": free_port(),
+        "RAY_CLIENT_PORT": free_port(),
+    }
     env = client_env(**{k: str(v) for k, v in ports.items()})
     try:
-        started = subprocess.run([PY, "jobs/services.py", "up", "--num-cpus", "2", "--services-dir", str(state_dir),
-                                  "--timeout", "300"], cwd=REPO, env=env, capture_output=True, text=True,
-                                 timeout=420)
+        started = subprocess.run(
+            [PY, "jobs/services.py", "up", "--num-cpus", "2", "--services-dir", str(state_dir), "--timeout", "300"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
         assert started.returncode == 0, started.stdout + started.stderr
         yield {"state_dir": state_dir, "ports": ports, "up_output": started.stdout}
     finally:
-        subprocess.run([PY, "jobs/services.py", "down", "--services-dir", str(state_dir)], cwd=REPO, env=env,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [PY, "jobs/services.py", "down", "--services-dir", str(state_dir)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
@@ -74,8 +92,9 @@ def test_up_waits_until_usable_and_prints_the_exports(head):
     assert f"export RAY_ADDRESS={record.gcs_address}\n" in env_file
     assert services.ui_command(head["ports"]["MLFLOW_PORT"], head["state_dir"]) == (mlflow_url, None)
     # a second `up` finds the running services instead of starting new ones
-    again = services.up(services.Ports(**{f: head["ports"][v] for f, v in services.PORT_VARIABLES.items()}),
-                        state_dir=head["state_dir"])
+    again = services.up(
+        services.Ports(**{f: head["ports"][v] for f, v in services.PORT_VARIABLES.items()}), state_dir=head["state_dir"]
+    )
     assert (again.ray_session, again.mlflow_session) == (record.ray_session, record.mlflow_session)
 
 
@@ -97,14 +116,51 @@ def test_submitted_jobs_log_to_the_server_with_and_without_working_dir(head, dig
 
     record = services.load_services(head["state_dir"])
     env = client_env(RAY_AUTH_MODE="token", MLPSCALE_DATA=str(digits_dir))
-    job_args = ["python", "jobs/pretrain.py", "--arch", "B_2-Wi_32", "--epochs", "1", "--schedule", "none",
-                "--n-train", "300", "--batch-size", "64", "--loader-workers", "1", "--data-dir", str(digits_dir),
-                "--storage-path", str(tmp_path / "ray_results"), "--experiment", EXPERIMENT, "--log-model", "false"]
+    job_args = [
+        "python",
+        "jobs/pretrain.py",
+        "--arch",
+        "B_2-Wi_32",
+        "--epochs",
+        "1",
+        "--schedule",
+        "none",
+        "--n-train",
+        "300",
+        "--batch-size",
+        "64",
+        "--loader-workers",
+        "1",
+        "--data-dir",
+        str(digits_dir),
+        "--storage-path",
+        str(tmp_path / "ray_results"),
+        "--experiment",
+        EXPERIMENT,
+        "--log-model",
+        "false",
+    ]
     names = {"plain": [], "uploaded": ["--working-dir", "."]}
     for name, extra in names.items():
-        job = subprocess.run([RAY, "job", "submit", "--address", record.dashboard_url, *extra, "--",
-                              *job_args, "--run-name", f"svc-{name}"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        job = subprocess.run(
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                record.dashboard_url,
+                *extra,
+                "--",
+                *job_args,
+                "--run-name",
+                f"svc-{name}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert job.returncode == 0, f"{name} job failed:\n{job.stdout[-4000:]}\n{job.stderr[-2000:]}"
         assert "val top-1:" in job.stdout
 
@@ -131,8 +187,9 @@ def test_port_in_use_is_named_with_the_variable_to_change(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        ports = services.Ports(ray=free_port(), dashboard=free_port(), agent=free_port(), mlflow=port,
-                               client=free_port())
+        ports = services.Ports(
+            ray=free_port(), dashboard=free_port(), agent=free_port(), mlflow=port, client=free_port()
+        )
         with pytest.raises(MlpscaleError, match=f"port {port} \\(MLFLOW_PORT\\).*MLFLOW_PORT={port + 1}"):
             services.up(ports, state_dir=tmp_path / "svc")
     assert services.load_services(tmp_path / "svc") is None

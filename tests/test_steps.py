@@ -19,8 +19,15 @@ CPU = torch.device("cpu")
 
 def batches(count: int, size: int = 8, classes: int = 3, seed: int = 0) -> list[Batch]:
     generator = torch.Generator().manual_seed(seed)
-    return [Batch(torch.randn(size, 3, 4, 4, generator=generator),
-                  torch.randint(0, classes, (size,), generator=generator), None, 1.0) for _ in range(count)]
+    return [
+        Batch(
+            torch.randn(size, 3, 4, 4, generator=generator),
+            torch.randint(0, classes, (size,), generator=generator),
+            None,
+            1.0,
+        )
+        for _ in range(count)
+    ]
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -38,8 +45,18 @@ def test_micro_batch_is_the_global_batch_over_accumulation_and_workers():
     assert micro_batch(cfg) == 32
     assert micro_batch(cfg, workers=1) == 64
     assert micro_batch(cfg, accumulation_steps=8) == 8
-    spec = WorkerSpec(cfg=cfg, train_path="t", test_path="v", mean=(0.0,) * 3, std=(1.0,) * 3, num_classes=3,
-                      resolution=4, n_train=256, forward_flops=1, workers=1)
+    spec = WorkerSpec(
+        cfg=cfg,
+        train_path="t",
+        test_path="v",
+        mean=(0.0,) * 3,
+        std=(1.0,) * 3,
+        num_classes=3,
+        resolution=4,
+        n_train=256,
+        forward_flops=1,
+        workers=1,
+    )
     assert spec.micro_batch == 64  # the workers the launcher starts, not cfg.num_workers
     assert WorkerSpec.from_loop_config(spec.loop_config()) is spec
 

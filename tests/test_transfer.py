@@ -31,7 +31,7 @@ def _cifar_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for index, label in enumerate(labels):
         rows, cols = divmod(int(label), 2)
         channels = [label] if label < 3 else [0, 1, 2]
-        images[index, channels, rows * 16:rows * 16 + 16, cols * 16:cols * 16 + 16] = 230
+        images[index, channels, rows * 16 : rows * 16 + 16, cols * 16 : cols * 16 + 16] = 230
     return images.reshape(len(labels), -1)
 
 
@@ -71,11 +71,25 @@ def pretrained(digits_dir, store, ray_local, tmp_path_factory):
     from mlpscale.config import load_config
     from mlpscale.train.pretrain import run_pretraining
 
-    cfg = load_config(overrides={
-        "arch": "B_2-Wi_32", "dataset": "digits", "data_dir": str(digits_dir), "n_train": 300, "epochs": 1,
-        "batch_size": 64, "loader_workers": 1, "precision": "fp32", "schedule": "none", "tracking_uri": store,
-        "experiment": "pretrain", "register": "tiny-src", "storage_path": str(tmp_path_factory.mktemp("ray")),
-        "run_name": "transfer-source", "flip": True})
+    cfg = load_config(
+        overrides={
+            "arch": "B_2-Wi_32",
+            "dataset": "digits",
+            "data_dir": str(digits_dir),
+            "n_train": 300,
+            "epochs": 1,
+            "batch_size": 64,
+            "loader_workers": 1,
+            "precision": "fp32",
+            "schedule": "none",
+            "tracking_uri": store,
+            "experiment": "pretrain",
+            "register": "tiny-src",
+            "storage_path": str(tmp_path_factory.mktemp("ray")),
+            "run_name": "transfer-source",
+            "flip": True,
+        }
+    )
     result = run_pretraining(cfg)
     tracking.client(store).set_registered_model_alias("tiny-src", "base", "1")
     return result
@@ -95,9 +109,17 @@ def downstream(tmp_path_factory):
 def transfer_config(pretrained, downstream, store, **overrides):
     from mlpscale.transfer.config import load_transfer_config
 
-    values = {"source": pretrained.run_id, "dataset": "cifar10", "data_dir": str(downstream[0]), "epochs": 2,
-              "batch_size": 32, "loader_workers": 1, "precision": "fp32", "tracking_uri": store,
-              "experiment": "transfer-test"}
+    values = {
+        "source": pretrained.run_id,
+        "dataset": "cifar10",
+        "data_dir": str(downstream[0]),
+        "epochs": 2,
+        "batch_size": 32,
+        "loader_workers": 1,
+        "precision": "fp32",
+        "tracking_uri": store,
+        "experiment": "transfer-test",
+    }
     values.update(overrides)
     return load_transfer_config(overrides=values)
 
@@ -108,8 +130,9 @@ def test_finetune_tracks_record_lineage_tta_and_real(pretrained, downstream, sto
 
     real = tmp_path / "real.json"
     real.write_text(json.dumps([[int(label)] for label in downstream[1]]))
-    cfg = transfer_config(pretrained, downstream, store, mode="finetune", tta=3, real_labels=str(real),
-                          register="tiny-ft")
+    cfg = transfer_config(
+        pretrained, downstream, store, mode="finetune", tta=3, real_labels=str(real), register="tiny-ft"
+    )
     result = run_transfer(cfg)
 
     mlflow_client = tracking.client(store)
@@ -121,8 +144,21 @@ def test_finetune_tracks_record_lineage_tta_and_real(pretrained, downstream, sto
     assert (params["mode"], float(params["lr_head"]), float(params["lr_body"])) == ("finetune", 0.01, 0.001)
     assert (params["optimizer"], params["tta"], params["arch"]) == ("sgd", "3", "B_2-Wi_32")
     assert (params["resolution"], params["data_resolution"], params["n_train"]) == ("16", "8", str(N_TRAIN))
-    for key in ("depth", "width", "num_params", "forward_flops", "dataset", "epochs", "batch_size", "lr",
-                "weight_decay", "label_smoothing", "mixup_alpha", "seed", "expansion"):
+    for key in (
+        "depth",
+        "width",
+        "num_params",
+        "forward_flops",
+        "dataset",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "label_smoothing",
+        "mixup_alpha",
+        "seed",
+        "expansion",
+    ):
         assert key in params, key
     history = mlflow_client.get_metric_history(result.run_id, "val_top1")
     assert sorted(m.step for m in history) == [1, 2]
@@ -156,8 +192,9 @@ def test_linear_probe_freezes_body_and_caches_features(pretrained, downstream, s
     from mlpscale.tracking.models import resolve_source
     from mlpscale.transfer.run import run_transfer
 
-    cfg = transfer_config(pretrained, downstream, store, mode="linear", source="tiny-src@base",
-                          batch_size=32, lr_head=0.02, epochs=3)
+    cfg = transfer_config(
+        pretrained, downstream, store, mode="linear", source="tiny-src@base", batch_size=32, lr_head=0.02, epochs=3
+    )
     result = run_transfer(cfg)
     run = tracking.client(store).get_run(result.run_id)
     assert run.data.tags[tracking.TAG_JOB] == "linear_probe"
@@ -165,8 +202,10 @@ def test_linear_probe_freezes_body_and_caches_features(pretrained, downstream, s
     params = run.data.params
     assert (params["optimizer"], params["lr_body"], params["augment"]) == ("lion", "0.0", "False")
     assert "val_top1_tta" not in run.data.metrics and "val_real_top1" not in run.data.metrics
-    losses = [m.value for m in sorted(tracking.client(store).get_metric_history(result.run_id, "train_loss"),
-                                      key=lambda m: m.step)]
+    losses = [
+        m.value
+        for m in sorted(tracking.client(store).get_metric_history(result.run_id, "train_loss"), key=lambda m: m.step)
+    ]
     assert losses[-1] < losses[0] and run.data.metrics["val_top1"] > 0.5  # the probe learns the quadrants
 
     source = resolve_source(pretrained.run_id, store).model
@@ -263,7 +302,10 @@ def test_checkpoint_directory_source_matches_logged_model(pretrained, store):
     from_checkpoint = resolve_source(pretrained.checkpoint_path, store)
     from_run = resolve_source(pretrained.run_id, store)
     assert (from_checkpoint.arch, from_checkpoint.resolution, from_checkpoint.run_id) == (
-        "B_2-Wi_32", 16, pretrained.run_id)
+        "B_2-Wi_32",
+        16,
+        pretrained.run_id,
+    )
     for key, value in from_run.model.state_dict().items():
         assert torch.equal(from_checkpoint.model.state_dict()[key], value), key
 
@@ -272,13 +314,16 @@ def test_a_nonfinite_loss_fails_the_run_naming_the_learning_rates(pretrained, do
     from mlpscale.transfer.run import run_transfer
 
     # lr 1e30 overflows the fine-tuned weights within the first epoch
-    cfg = transfer_config(pretrained, downstream, store, mode="finetune", lr_head=1e30, lr_body=1e30, epochs=1,
-                          run_name="nan-finetune")
+    cfg = transfer_config(
+        pretrained, downstream, store, mode="finetune", lr_head=1e30, lr_body=1e30, epochs=1, run_name="nan-finetune"
+    )
     with pytest.raises(MlpscaleError, match="non-finite training loss in epoch 1.*lower lr_head"):
         run_transfer(cfg)
     mlflow_client = tracking.client(store)
-    [run] = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("transfer-test").experiment_id],
-                                      filter_string="attributes.run_name = 'nan-finetune'")
+    [run] = mlflow_client.search_runs(
+        [mlflow_client.get_experiment_by_name("transfer-test").experiment_id],
+        filter_string="attributes.run_name = 'nan-finetune'",
+    )
     assert run.info.status == "FAILED"
     reason = run.data.tags[tracking.TAG_FAILURE]
     assert "non-finite" in reason and "lr_head (now 1e+30)" in reason and "lr_body (now 1e+30)" in reason
@@ -312,12 +357,18 @@ def test_bad_sources_data_and_options(pretrained, downstream, store, tmp_path):
 
     real = tmp_path / "short.json"
     real.write_text(json.dumps([[0]] * (N_TEST - 1)))
-    runs_before = len(tracking.client(store).search_runs([tracking.client(store).get_experiment_by_name(
-        "transfer-test").experiment_id]))
+    runs_before = len(
+        tracking.client(store).search_runs(
+            [tracking.client(store).get_experiment_by_name("transfer-test").experiment_id]
+        )
+    )
     with pytest.raises(MlpscaleError, match=f"{N_TEST - 1} entries but the validation set has {N_TEST}"):
         run_transfer(transfer_config(pretrained, downstream, store, real_labels=str(real)))
-    runs_after = len(tracking.client(store).search_runs([tracking.client(store).get_experiment_by_name(
-        "transfer-test").experiment_id]))
+    runs_after = len(
+        tracking.client(store).search_runs(
+            [tracking.client(store).get_experiment_by_name("transfer-test").experiment_id]
+        )
+    )
     assert runs_after == runs_before  # bad input is caught before a run is created
 
     with pytest.raises(MlpscaleError, match="unknown transfer config key 'lr'"):
@@ -331,15 +382,24 @@ def test_grid_runs_tune_trials_as_child_runs(pretrained, downstream, store, tmp_
 
     grid = parse_grid(["lr_head=0.001,0.01"])
     assert grid == {"lr_head": [0.001, 0.01]}
-    cfg = transfer_config(pretrained, downstream, store, mode="linear", epochs=1, batch_size=64,
-                          experiment="transfer-grid", log_model=False)
+    cfg = transfer_config(
+        pretrained,
+        downstream,
+        store,
+        mode="linear",
+        epochs=1,
+        batch_size=64,
+        experiment="transfer-grid",
+        log_model=False,
+    )
     parent_id, rows = run_transfer_grid(cfg, grid, storage_path=str(tmp_path / "tune"))
     assert sorted(row["lr_head"] for row in rows) == [0.001, 0.01]
     mlflow_client = tracking.client(store)
     parent = mlflow_client.get_run(parent_id)
     assert parent.data.tags[tracking.TAG_JOB] == "sweep" and parent.info.status == "FINISHED"
-    children = mlflow_client.search_runs([parent.info.experiment_id],
-                                         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    children = mlflow_client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
     assert sorted(float(c.data.params["lr_head"]) for c in children) == [0.001, 0.01]
     for child in children:
         assert child.data.tags[tracking.TAG_JOB] == "linear_probe"
@@ -351,9 +411,23 @@ def test_grid_runs_tune_trials_as_child_runs(pretrained, downstream, store, tmp_
 def test_job_reports_a_missing_source_without_traceback(store, tmp_path):
     missing = "fedcba9876543210fedcba9876543210"
     completed = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "finetune.py"), "--source", missing, "--dataset", "cifar10",
-         "--mode", "linear", "--tracking-uri", store],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        [
+            sys.executable,
+            str(REPO / "jobs" / "finetune.py"),
+            "--source",
+            missing,
+            "--dataset",
+            "cifar10",
+            "--mode",
+            "linear",
+            "--tracking-uri",
+            store,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert completed.returncode == 2, completed.stderr
     assert f"run {missing} does not exist" in completed.stderr
     assert "Traceback" not in completed.stderr

@@ -24,8 +24,16 @@ TRIAL_ARGS = {"arch": "B_2-Wi_32", "epochs": 2, "warmup_epochs": 0.5, "n_train":
 
 
 def base_config(digits_dir, tmp_path, uri, **changes) -> PretrainConfig:
-    return PretrainConfig(**{**TRIAL_ARGS, "data_dir": str(digits_dir), "storage_path": str(tmp_path / "ray"),
-                             "tracking_uri": uri, "experiment": "sweeps", **changes})
+    return PretrainConfig(
+        **{
+            **TRIAL_ARGS,
+            "data_dir": str(digits_dir),
+            "storage_path": str(tmp_path / "ray"),
+            "tracking_uri": uri,
+            "experiment": "sweeps",
+            **changes,
+        }
+    )
 
 
 def child_runs(uri: str, parent_run_id: str) -> list:
@@ -38,10 +46,24 @@ def test_sweep_of_four_trials_with_a_failing_one(digits_dir, tmp_path, tracking_
 
     space = tmp_path / "space.yaml"
     # lr 1e30 overflows the weights within the first epoch: that trial must fail (NaN) while the sweep goes on.
-    space.write_text(yaml.safe_dump({"lr": {"distribution": "choice", "values": [0.003, 1.0e30]},
-                                     "batch_size": {"distribution": "choice", "values": [32, 64]}}))
-    options = SweepOptions(space=str(space), num_samples=4, max_concurrent=2, scheduler="asha", lr_scaling="linear",
-                           base_batch_size=32, seed=0, name="four")
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "lr": {"distribution": "choice", "values": [0.003, 1.0e30]},
+                "batch_size": {"distribution": "choice", "values": [32, 64]},
+            }
+        )
+    )
+    options = SweepOptions(
+        space=str(space),
+        num_samples=4,
+        max_concurrent=2,
+        scheduler="asha",
+        lr_scaling="linear",
+        base_batch_size=32,
+        seed=0,
+        name="four",
+    )
     result = run_sweep(base_config(digits_dir, tmp_path, tracking_uri), options)
 
     client = tracking.client(tracking_uri)
@@ -76,8 +98,9 @@ def test_sweep_of_four_trials_with_a_failing_one(digits_dir, tmp_path, tracking_
             assert epochs_logged == 2
             assert set(tracking.EPOCH_METRICS) <= set(run.data.metrics)
             assert 0.0 <= run.data.metrics["val_top1"] <= 1.0
-            models = client.search_logged_models([run.info.experiment_id],
-                                                 filter_string=f"source_run_id='{run.info.run_id}'")
+            models = client.search_logged_models(
+                [run.info.experiment_id], filter_string=f"source_run_id='{run.info.run_id}'"
+            )
             assert models, "a finished trial logs its model"
     failed = sum(run.info.status == "FAILED" for run in children)
     assert result.errors == failed
@@ -85,8 +108,11 @@ def test_sweep_of_four_trials_with_a_failing_one(digits_dir, tmp_path, tracking_
     best_run = client.get_run(result.best["best_run_id"])
     assert best_run.info.status == "FINISHED"
     finished = [r for r in children if r.info.status == "FINISHED"]
-    assert best_run.data.metrics["val_top1"] <= result.best["best_val_top1"] == max(
-        max(m.value for m in client.get_metric_history(r.info.run_id, "val_top1")) for r in finished)
+    assert (
+        best_run.data.metrics["val_top1"]
+        <= result.best["best_val_top1"]
+        == max(max(m.value for m in client.get_metric_history(r.info.run_id, "val_top1")) for r in finished)
+    )
     best = load_config(result.best_config_path)
     assert best.lr == float(best_run.data.params["lr"]) and best.batch_size == int(best_run.data.params["batch_size"])
     assert best.arch == "B_2-Wi_32"
@@ -104,11 +130,29 @@ def test_resume_after_the_driver_is_killed(digits_dir, tmp_path, tracking_uri, r
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"lr": {"distribution": "loguniform", "low": 1e-3, "high": 3e-3}}))
     storage = tmp_path / "ray"
-    command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space), "--num-samples", "2",
-               "--max-concurrent", "2", "--name", "resumable", "--storage-path", str(storage),
-               "--data-dir", str(digits_dir), "--experiment", "sweeps", "--tracking-uri", tracking_uri,
-               "--log-model", "false",
-               *[f"--{k.replace('_', '-')}={v}" for k, v in TRIAL_ARGS.items()]]
+    command = [
+        sys.executable,
+        str(REPO / "jobs" / "tune.py"),
+        "--space",
+        str(space),
+        "--num-samples",
+        "2",
+        "--max-concurrent",
+        "2",
+        "--name",
+        "resumable",
+        "--storage-path",
+        str(storage),
+        "--data-dir",
+        str(digits_dir),
+        "--experiment",
+        "sweeps",
+        "--tracking-uri",
+        tracking_uri,
+        "--log-model",
+        "false",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in TRIAL_ARGS.items()],
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     assert sweeps.find_sweep_run(tracking_uri, "sweeps", "resumable") is None  # creates the store before the job
     log_file = open(tmp_path / "first.log", "w")
@@ -119,8 +163,11 @@ def test_resume_after_the_driver_is_killed(digits_dir, tmp_path, tracking_uri, r
         while time.monotonic() < deadline and driver.poll() is None:
             parent_id = sweeps.find_sweep_run(tracking_uri, "sweeps", "resumable")
             if parent_id:
-                finished_before = {r.info.run_id: r.info.end_time for r in child_runs(tracking_uri, parent_id)
-                                   if r.info.status == "FINISHED"}
+                finished_before = {
+                    r.info.run_id: r.info.end_time
+                    for r in child_runs(tracking_uri, parent_id)
+                    if r.info.status == "FINISHED"
+                }
                 if finished_before:
                     break
             time.sleep(1.0)
@@ -130,9 +177,23 @@ def test_resume_after_the_driver_is_killed(digits_dir, tmp_path, tracking_uri, r
         log_file.close()
     assert finished_before, (tmp_path / "first.log").read_text()[-3000:]
 
-    resumed = subprocess.run([*command[:2], "--resume", "--name", "resumable", "--storage-path", str(storage),
-                              "--tracking-uri", tracking_uri],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(
+        [
+            *command[:2],
+            "--resume",
+            "--name",
+            "resumable",
+            "--storage-path",
+            str(storage),
+            "--tracking-uri",
+            tracking_uri,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "best config:" in resumed.stdout
 

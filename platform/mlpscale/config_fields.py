@@ -19,8 +19,9 @@ import os
 import re
 import sys
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import yaml
 
@@ -38,8 +39,9 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-friendly values (tuples become lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
+        }
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
@@ -78,8 +80,13 @@ def base_type(hint) -> tuple[type, bool]:
 
 
 def type_name(kind: type, optional: bool) -> str:
-    name = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string",
-            tuple: "pair of numbers (e.g. 0.08 1.0)"}.get(kind, str(kind))
+    name = {
+        bool: "boolean (true/false)",
+        int: "integer",
+        float: "number",
+        str: "string",
+        tuple: "pair of numbers (e.g. 0.08 1.0)",
+    }.get(kind, str(kind))
     return name + (" or none" if optional else "")
 
 
@@ -206,8 +213,9 @@ def _plain_default(name: str, value: Any) -> str:
     return repr(value)
 
 
-def add_field_arguments(parser: argparse.ArgumentParser, config_class: type, *, title: str,
-                        default_text: DefaultText = _plain_default) -> None:
+def add_field_arguments(
+    parser: argparse.ArgumentParser, config_class: type, *, title: str, default_text: DefaultText = _plain_default
+) -> None:
     """One `--field-name` (and `--field_name`) option per field, unset by default, its help the field's
     description, type, default and choices."""
     group = parser.add_argument_group(title)
@@ -217,17 +225,30 @@ def add_field_arguments(parser: argparse.ArgumentParser, config_class: type, *, 
         kind, _ = base_type(field_types(config_class)[name])
         details = f"{describe_type(config_class, name)}; default {default_text(name, getattr(defaults, name))}"
         flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
-        group.add_argument(*flags, dest=ARG_PREFIX + name, nargs=2 if kind is tuple else None, default=None,
-                           metavar=name.upper(), help=f"{descriptions[name]} [{details}]".replace("%", "%%"))
+        group.add_argument(
+            *flags,
+            dest=ARG_PREFIX + name,
+            nargs=2 if kind is tuple else None,
+            default=None,
+            metavar=name.upper(),
+            help=f"{descriptions[name]} [{details}]".replace("%", "%%"),
+        )
 
 
 def user_overrides(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
     """The fields a user set: the `--config` YAML file's values, then the `--field` options' (which win),
     coerced to the fields' types; unknown keys rejected."""
-    values = {str(key).replace("-", "_"): value
-              for key, value in (read_yaml(args.config) if getattr(args, "config", None) else {}).items()}
-    values.update({key[len(ARG_PREFIX):]: value for key, value in vars(args).items()
-                   if key.startswith(ARG_PREFIX) and value is not None})
+    values = {
+        str(key).replace("-", "_"): value
+        for key, value in (read_yaml(args.config) if getattr(args, "config", None) else {}).items()
+    }
+    values.update(
+        {
+            key[len(ARG_PREFIX) :]: value
+            for key, value in vars(args).items()
+            if key.startswith(ARG_PREFIX) and value is not None
+        }
+    )
     return {key: coerce_field(config_class, key, value) for key, value in values.items()}
 
 
@@ -237,8 +258,12 @@ def fields_table(config_class: type, default_text: DefaultText = _plain_default)
     descriptions = field_help(config_class)
     rows = ["| field | type | default | description |", "|---|---|---|---|"]
     for name in field_names(config_class):
-        cells = (f"`{name}`", describe_type(config_class, name), f"`{default_text(name, getattr(defaults, name))}`",
-                 descriptions[name])
+        cells = (
+            f"`{name}`",
+            describe_type(config_class, name),
+            f"`{default_text(name, getattr(defaults, name))}`",
+            descriptions[name],
+        )
         rows.append("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |")
     return "\n".join(rows)
 
@@ -248,8 +273,11 @@ def _markdown_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-_DOC_TABLE = re.compile(r"(?P<begin><!-- fields-table (?P<module>[\w.]+)\b[^\n]*-->\n)(?P<table>.*?)"
-                        r"(?P<end><!-- end fields-table -->)", re.S)
+_DOC_TABLE = re.compile(
+    r"(?P<begin><!-- fields-table (?P<module>[\w.]+)\b[^\n]*-->\n)(?P<table>.*?)"
+    r"(?P<end><!-- end fields-table -->)",
+    re.S,
+)
 
 
 def doc_table_modules(text: str) -> list[str]:
@@ -259,6 +287,7 @@ def doc_table_modules(text: str) -> list[str]:
 
 def regenerate_doc_tables(text: str) -> str:
     """A doc's text with each marked table replaced by its module's `fields_table()`."""
+
     def generated(match: re.Match) -> str:
         table = importlib.import_module(match["module"]).fields_table()
         return f"{match['begin']}{table}\n{match['end']}"

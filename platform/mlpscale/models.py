@@ -116,19 +116,38 @@ class StandardBlock(nn.Module):
 class MLP(nn.Module):
     """Flatten -> embed -> blocks -> norm -> head. Inputs are normalised float images (B, C, R, R)."""
 
-    def __init__(self, spec: ArchSpec, *, resolution: int, num_classes: int, in_channels: int = 3,
-                 expansion: int = 4, activation: str = "gelu", normalization: str = "layer",
-                 dropout: float = 0.0, final_norm: bool = False):
+    def __init__(
+        self,
+        spec: ArchSpec,
+        *,
+        resolution: int,
+        num_classes: int,
+        in_channels: int = 3,
+        expansion: int = 4,
+        activation: str = "gelu",
+        normalization: str = "layer",
+        dropout: float = 0.0,
+        final_norm: bool = False,
+    ):
         super().__init__()
         self.spec = spec
-        self.config = dict(arch=spec.name, resolution=resolution, num_classes=num_classes,
-                           in_channels=in_channels, expansion=expansion, activation=activation,
-                           normalization=normalization, dropout=dropout, final_norm=final_norm)
+        self.config = dict(
+            arch=spec.name,
+            resolution=resolution,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            expansion=expansion,
+            activation=activation,
+            normalization=normalization,
+            dropout=dropout,
+            final_norm=final_norm,
+        )
         self.in_features = in_channels * resolution * resolution
         self.embed = nn.Linear(self.in_features, spec.width)
         if spec.kind == "B":
-            blocks = [BottleneckBlock(spec.width, expansion, activation, normalization, dropout)
-                      for _ in range(spec.depth)]
+            blocks = [
+                BottleneckBlock(spec.width, expansion, activation, normalization, dropout) for _ in range(spec.depth)
+            ]
         else:
             blocks = [StandardBlock(spec.width, activation, normalization, dropout) for _ in range(spec.depth)]
         self.blocks = nn.Sequential(*blocks)
@@ -141,7 +160,8 @@ class MLP(nn.Module):
             raise MlpscaleError(
                 f"{self.spec.name} expects images of {self.in_features} values "
                 f"({self.config['in_channels']}x{self.config['resolution']}x{self.config['resolution']}), "
-                f"got shape {tuple(x.shape[1:])}: build the model for the loader's resolution")
+                f"got shape {tuple(x.shape[1:])}: build the model for the loader's resolution"
+            )
         return self.norm(self.blocks(self.embed(x.flatten(1))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,9 +173,18 @@ class MLP(nn.Module):
         self.config["num_classes"] = num_classes
 
 
-def build_model(arch: str | ArchSpec, *, resolution: int, num_classes: int, in_channels: int = 3,
-                expansion: int = 4, activation: str = "gelu", normalization: str = "layer",
-                dropout: float = 0.0, final_norm: bool = False) -> MLP:
+def build_model(
+    arch: str | ArchSpec,
+    *,
+    resolution: int,
+    num_classes: int,
+    in_channels: int = 3,
+    expansion: int = 4,
+    activation: str = "gelu",
+    normalization: str = "layer",
+    dropout: float = 0.0,
+    final_norm: bool = False,
+) -> MLP:
     """The one registry: an architecture name plus options -> an MLP module (PyTorch default init)."""
     spec = parse_arch(arch)
     _check_positive("resolution", resolution)
@@ -166,9 +195,17 @@ def build_model(arch: str | ArchSpec, *, resolution: int, num_classes: int, in_c
     _check_choice("normalization", normalization, NORMALIZATIONS)
     if not 0.0 <= float(dropout) < 1.0:
         raise MlpscaleError(f"dropout={dropout!r} must lie in [0, 1)")
-    return MLP(spec, resolution=resolution, num_classes=num_classes, in_channels=in_channels,
-               expansion=expansion, activation=activation, normalization=normalization,
-               dropout=float(dropout), final_norm=final_norm)
+    return MLP(
+        spec,
+        resolution=resolution,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        expansion=expansion,
+        activation=activation,
+        normalization=normalization,
+        dropout=float(dropout),
+        final_norm=final_norm,
+    )
 
 
 def _linear_shapes(spec: ArchSpec, in_features: int, num_classes: int, expansion: int) -> list[tuple[int, int]]:
@@ -188,8 +225,16 @@ def _norm_params(normalization: str, width: int) -> int:
     return 0 if normalization == "none" else 2 * width
 
 
-def model_stats(arch: str | ArchSpec, *, resolution: int, num_classes: int, in_channels: int = 3,
-                expansion: int = 4, normalization: str = "layer", final_norm: bool = False) -> dict:
+def model_stats(
+    arch: str | ArchSpec,
+    *,
+    resolution: int,
+    num_classes: int,
+    in_channels: int = 3,
+    expansion: int = 4,
+    normalization: str = "layer",
+    final_norm: bool = False,
+) -> dict:
     """Analytic counts: num_params (trainable), forward_flops (Linear MACs per image), and the shape."""
     spec = parse_arch(arch)
     _check_positive("resolution", resolution)
@@ -220,8 +265,15 @@ def training_compute(forward_flops: int, n_train: int, epochs: int | float) -> i
     return int(round(3 * int(forward_flops) * int(n_train) * float(epochs)))
 
 
-def _kept_activation_bytes_per_example(spec: ArchSpec, in_features: int, num_classes: int, expansion: int,
-                                      normalization: str, final_norm: bool, value_bytes: int) -> int:
+def _kept_activation_bytes_per_example(
+    spec: ArchSpec,
+    in_features: int,
+    num_classes: int,
+    expansion: int,
+    normalization: str,
+    final_norm: bool,
+    value_bytes: int,
+) -> int:
     """Bytes per example that autograd keeps for the backward pass: the inputs of Linears, norms and
     activations, and the loss's log-probabilities (dropout masks are not counted). Under bf16 autocast
     (value_bytes 2) Linears and activations keep bf16 inputs, while CUDA runs norms in fp32 (their
@@ -238,10 +290,19 @@ def _kept_activation_bytes_per_example(spec: ArchSpec, in_features: int, num_cla
     return (in_features + width) * value_bytes + spec.depth * per_block + final + 4 * num_classes
 
 
-def estimate_training_memory(arch: str | ArchSpec, *, resolution: int, num_classes: int, batch_size: int,
-                             optimizer: str = "lion", precision: str = "fp32", in_channels: int = 3,
-                             expansion: int = 4, normalization: str = "layer",
-                             final_norm: bool = False) -> dict:
+def estimate_training_memory(
+    arch: str | ArchSpec,
+    *,
+    resolution: int,
+    num_classes: int,
+    batch_size: int,
+    optimizer: str = "lion",
+    precision: str = "fp32",
+    in_channels: int = 3,
+    expansion: int = 4,
+    normalization: str = "layer",
+    final_norm: bool = False,
+) -> dict:
     """Peak training memory estimate in bytes.
 
     weights, gradients: fp32 (autocast keeps fp32 master weights); optimizer_state: lion/sgd one
@@ -256,13 +317,21 @@ def estimate_training_memory(arch: str | ArchSpec, *, resolution: int, num_class
     _check_positive("batch_size", batch_size)
     _check_choice("optimizer", optimizer, tuple(OPTIMIZER_STATE_BUFFERS))
     _check_choice("precision", precision, tuple(PRECISION_BYTES))
-    stats = model_stats(spec, resolution=resolution, num_classes=num_classes, in_channels=in_channels,
-                        expansion=expansion, normalization=normalization, final_norm=final_norm)
+    stats = model_stats(
+        spec,
+        resolution=resolution,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        expansion=expansion,
+        normalization=normalization,
+        final_norm=final_norm,
+    )
     weights = 4 * stats["num_params"]
     value_bytes = PRECISION_BYTES[precision]
     in_features = in_channels * resolution * resolution
-    per_example = _kept_activation_bytes_per_example(spec, in_features, num_classes, expansion, normalization,
-                                                     final_norm, value_bytes)
+    per_example = _kept_activation_bytes_per_example(
+        spec, in_features, num_classes, expansion, normalization, final_norm, value_bytes
+    )
     memory = dict(
         weights=weights,
         gradients=weights,
@@ -277,14 +346,31 @@ def estimate_training_memory(arch: str | ArchSpec, *, resolution: int, num_class
     return memory
 
 
-def model_info(arch: str | ArchSpec, *, resolution: int, num_classes: int, in_channels: int = 3,
-               expansion: int = 4, normalization: str = "layer", final_norm: bool = False,
-               n_train: int | None = None, epochs: float | None = None, batch_size: int | None = None,
-               optimizer: str = "lion", precision: str = "bf16") -> dict:
+def model_info(
+    arch: str | ArchSpec,
+    *,
+    resolution: int,
+    num_classes: int,
+    in_channels: int = 3,
+    expansion: int = 4,
+    normalization: str = "layer",
+    final_norm: bool = False,
+    n_train: int | None = None,
+    epochs: float | None = None,
+    batch_size: int | None = None,
+    optimizer: str = "lion",
+    precision: str = "bf16",
+) -> dict:
     """What a researcher plans a grid with (jobs/model_info.py): the stats, plus compute_flops when
     N and T are given and the memory estimate (bytes, and total_gib) when a batch size is given."""
-    shape = dict(resolution=resolution, num_classes=num_classes, in_channels=in_channels,
-                 expansion=expansion, normalization=normalization, final_norm=final_norm)
+    shape = dict(
+        resolution=resolution,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        expansion=expansion,
+        normalization=normalization,
+        final_norm=final_norm,
+    )
     info = model_stats(arch, **shape)
     info["params"] = info.pop("num_params")
     info.update(resolution=resolution, num_classes=num_classes, in_channels=in_channels)
@@ -295,11 +381,13 @@ def model_info(arch: str | ArchSpec, *, resolution: int, num_classes: int, in_ch
         if epochs <= 0:
             raise MlpscaleError(f"epochs={epochs!r} must be positive")
         epochs = int(epochs) if float(epochs).is_integer() else float(epochs)
-        info.update(n_train=n_train, epochs=epochs,
-                    compute_flops=training_compute(info["forward_flops"], n_train, epochs))
+        info.update(
+            n_train=n_train, epochs=epochs, compute_flops=training_compute(info["forward_flops"], n_train, epochs)
+        )
     if batch_size is not None:
-        memory = estimate_training_memory(arch, batch_size=batch_size, optimizer=optimizer,
-                                          precision=precision, **shape)
+        memory = estimate_training_memory(
+            arch, batch_size=batch_size, optimizer=optimizer, precision=precision, **shape
+        )
         memory["total_gib"] = round(memory["total"] / 2**30, 3)
         info["memory"] = dict(batch_size=batch_size, optimizer=optimizer, precision=precision, **memory)
     return info

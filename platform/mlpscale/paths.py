@@ -31,8 +31,9 @@ def dataset_dir(dataset: str, resolution: int, root: str | os.PathLike | None = 
     return data_dir(root) / dataset / f"res{int(resolution)}"
 
 
-def split_path(dataset: str, resolution: int, split: str, n_train: int | None = None,
-               root: str | os.PathLike | None = None) -> Path:
+def split_path(
+    dataset: str, resolution: int, split: str, n_train: int | None = None, root: str | os.PathLike | None = None
+) -> Path:
     """The .beton of one split; `n_train` picks the nested training subset `train_n<N>.beton`."""
     name = f"train_n{int(n_train)}" if (split == "train" and n_train) else split
     return dataset_dir(dataset, resolution, root) / f"{name}.beton"

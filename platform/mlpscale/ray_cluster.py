@@ -37,7 +37,8 @@ def driver_ray_address(state_dir: str | os.PathLike | None = None) -> str | None
     raise MlpscaleError(
         f"RAY_ADDRESS={address} is a dashboard URL (for `ray job submit`), not a cluster address for a "
         "script: submit the job with `ray job submit -- python jobs/<job>.py ...`, or unset RAY_ADDRESS "
-        "to run it on a local Ray, or start the local services with `make up`")
+        "to run it on a local Ray, or start the local services with `make up`"
+    )
 
 
 def ensure_ray() -> None:

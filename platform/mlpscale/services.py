@@ -56,7 +56,7 @@ class Ports:
     client: int = 10001
 
     @classmethod
-    def from_env(cls, environ: dict | None = None) -> "Ports":
+    def from_env(cls, environ: dict | None = None) -> Ports:
         """Ports from RAY_PORT, DASHBOARD_PORT, AGENT_PORT, MLFLOW_PORT, RAY_CLIENT_PORT where set."""
         environ = os.environ if environ is None else environ
         values = {}
@@ -67,8 +67,13 @@ class Ports:
         return cls(**values)
 
 
-PORT_VARIABLES = {"ray": "RAY_PORT", "dashboard": "DASHBOARD_PORT", "agent": "AGENT_PORT",
-                  "mlflow": "MLFLOW_PORT", "client": "RAY_CLIENT_PORT"}
+PORT_VARIABLES = {
+    "ray": "RAY_PORT",
+    "dashboard": "DASHBOARD_PORT",
+    "agent": "AGENT_PORT",
+    "mlflow": "MLFLOW_PORT",
+    "client": "RAY_CLIENT_PORT",
+}
 
 
 @dataclass
@@ -102,8 +107,12 @@ class Services:
         RAY_ADDRESS (the GCS) is what ray.init() in a script reads, so `python jobs/pretrain.py` joins
         the head; RAY_AUTH_MODE=token because the head runs with token authentication.
         """
-        return {"RAY_API_SERVER_ADDRESS": self.dashboard_url, "RAY_ADDRESS": self.gcs_address,
-                "MLFLOW_TRACKING_URI": self.mlflow_url, "RAY_AUTH_MODE": "token"}
+        return {
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            "RAY_ADDRESS": self.gcs_address,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "RAY_AUTH_MODE": "token",
+        }
 
     def export_line(self) -> str:
         return "export " + " ".join(f"{key}={value}" for key, value in self.exports().items())
@@ -114,18 +123,24 @@ class Services:
         return record
 
     @classmethod
-    def from_json(cls, record: dict) -> "Services":
-        return cls(state_dir=record["state_dir"], ports=Ports(**record["ports"]),
-                   ray_session=int(record["ray_session"]), mlflow_session=int(record["mlflow_session"]),
-                   gcs_address=record["gcs_address"], started_at=float(record["started_at"]),
-                   boot_id=record.get("boot_id", ""))
+    def from_json(cls, record: dict) -> Services:
+        return cls(
+            state_dir=record["state_dir"],
+            ports=Ports(**record["ports"]),
+            ray_session=int(record["ray_session"]),
+            mlflow_session=int(record["mlflow_session"]),
+            gcs_address=record["gcs_address"],
+            started_at=float(record["started_at"]),
+            boot_id=record.get("boot_id", ""),
+        )
 
     def processes(self, which: str = "all") -> set[int]:
         """Live pids of 'ray', 'mlflow' or 'all'; none after a reboot (session ids are then someone else's)."""
         if self.boot_id != _boot_id():
             return set()
         sessions = {"ray": [self.ray_session], "mlflow": [self.mlflow_session]}.get(
-            which, [self.ray_session, self.mlflow_session])
+            which, [self.ray_session, self.mlflow_session]
+        )
         return session_processes(sessions)
 
 
@@ -146,8 +161,14 @@ def load_services(state_dir: str | os.PathLike | None = None) -> Services | None
     return Services.from_json(json.loads(path.read_text()))
 
 
-def up(ports: Ports | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-       state_dir: str | os.PathLike | None = None, timeout_s: float = 180.0) -> Services:
+def up(
+    ports: Ports | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    state_dir: str | os.PathLike | None = None,
+    timeout_s: float = 180.0,
+) -> Services:
     """Start the Ray head and the MLflow server (or find them already running) and wait until both are usable."""
     ports = ports or Ports.from_env()
     root = services_dir(state_dir)
@@ -171,9 +192,15 @@ def up(ports: Ports | None = None, *, num_cpus: int | None = None, num_gpus: int
     except BaseException:
         stop_sessions([mlflow_process.pid])
         raise
-    services = Services(state_dir=str(root), ports=ports, ray_session=ray_session,
-                        mlflow_session=mlflow_process.pid, gcs_address=gcs_address, started_at=time.time(),
-                        boot_id=_boot_id())
+    services = Services(
+        state_dir=str(root),
+        ports=ports,
+        ray_session=ray_session,
+        mlflow_session=mlflow_process.pid,
+        gcs_address=gcs_address,
+        started_at=time.time(),
+        boot_id=_boot_id(),
+    )
     _write_state(root, services)
     try:
         _wait_until_healthy(services, mlflow_process, timeout_s)
@@ -214,9 +241,11 @@ def health_problems(services: Services) -> list[str]:
         problems.append("the Ray head's processes are gone")
     if not services.processes("mlflow"):
         problems.append("the MLflow server's process is gone")
-    for name, url, ray_auth in (("MLflow", f"{services.mlflow_url}/health", False),
-                                ("Ray dashboard", f"{services.dashboard_url}/api/version", True),
-                                ("Ray dashboard agent", f"{services.agent_url}/api/healthz", True)):
+    for name, url, ray_auth in (
+        ("MLflow", f"{services.mlflow_url}/health", False),
+        ("Ray dashboard", f"{services.dashboard_url}/api/version", True),
+        ("Ray dashboard agent", f"{services.agent_url}/api/healthz", True),
+    ):
         if not _answers(url, ray_auth=ray_auth):
             problems.append(f"{name} does not answer at {url}")
     return problems
@@ -238,8 +267,7 @@ def ui_command(port: int, state_dir: str | os.PathLike | None = None) -> tuple[s
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
     if uri.startswith(("http://", "https://")):
         return uri, None
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", HOST, "--port", str(port)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port)]
     return f"http://{HOST}:{port}", command
 
 
@@ -273,30 +301,67 @@ def _check_ports_free(ports: Ports) -> None:
             except OSError:
                 raise MlpscaleError(
                     f"port {port} ({variable}) is already in use; stop what listens there or pick another "
-                    f"port, e.g. `make up {variable}={port + 1}`") from None
+                    f"port, e.g. `make up {variable}={port + 1}`"
+                ) from None
 
 
 def _start_mlflow(mlflow_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-               "--artifacts-destination", str(mlflow_dir / "artifacts"), "--serve-artifacts",
-               "--host", HOST, "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(mlflow_dir / "artifacts"),
+        "--serve-artifacts",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     logger.info("starting MLflow: %s", " ".join(command))
     with open(log_path, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=mlflow_dir, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=mlflow_dir,
+            start_new_session=True,
+        )
 
 
-def _start_ray_head(root: Path, ports: Ports, mlflow_url: str, num_cpus: int | None,
-                    num_gpus: int | None) -> tuple[int, str]:
+def _start_ray_head(
+    root: Path, ports: Ports, mlflow_url: str, num_cpus: int | None, num_gpus: int | None
+) -> tuple[int, str]:
     temp_dir = root / "raytmp"
     temp_dir.mkdir(exist_ok=True)
     (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
     ray = Path(sys.executable).with_name("ray")
-    command = [str(ray) if ray.exists() else "ray", "start", "--head", "--node-ip-address", HOST,
-               "--port", str(ports.ray), "--dashboard-host", HOST, "--dashboard-port", str(ports.dashboard),
-               "--dashboard-agent-listen-port", str(ports.agent), "--ray-client-server-port", str(ports.client),
-               "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    command = [
+        str(ray) if ray.exists() else "ray",
+        "start",
+        "--head",
+        "--node-ip-address",
+        HOST,
+        "--port",
+        str(ports.ray),
+        "--dashboard-host",
+        HOST,
+        "--dashboard-port",
+        str(ports.dashboard),
+        "--dashboard-agent-listen-port",
+        str(ports.agent),
+        "--ray-client-server-port",
+        str(ports.client),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
     if num_cpus is not None:
         command += ["--num-cpus", str(num_cpus)]
     if num_gpus is not None:
@@ -305,24 +370,37 @@ def _start_ray_head(root: Path, ports: Ports, mlflow_url: str, num_cpus: int | N
     ensure_ray_auth_token()
     # RAY_API_SERVER_ADDRESS: Ray's state API inside jobs (Train's placement-group cleaner) finds this head
     # without scanning for GCS processes, which fails when other Ray instances run on the machine.
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_url, MLPSCALE_REPO=str(repo_root()), RAY_AUTH_MODE="token",
-               RAY_API_SERVER_ADDRESS=f"http://{HOST}:{ports.dashboard}")
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=mlflow_url,
+        MLPSCALE_REPO=str(repo_root()),
+        RAY_AUTH_MODE="token",
+        RAY_API_SERVER_ADDRESS=f"http://{HOST}:{ports.dashboard}",
+    )
     # `ray job submit -- python ...` runs `python` from the head's PATH: make it this environment's.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("RAY_ADDRESS", None)
     logger.info("starting Ray head: %s", " ".join(command))
     log_path = root / "ray.log"
     with open(log_path, "ab") as log:
-        starter = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=repo_root(), env=env, start_new_session=True)
+        starter = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=repo_root(),
+            env=env,
+            start_new_session=True,
+        )
         try:
             returncode = starter.wait(timeout=300)
         except subprocess.TimeoutExpired:
             returncode = None
     if returncode != 0:
         stop_sessions([starter.pid])
-        raise MlpscaleError(f"`ray start --head` failed (exit {returncode}); its output is in {log_path}:\n"
-                            + _tail(log_path))
+        raise MlpscaleError(
+            f"`ray start --head` failed (exit {returncode}); its output is in {log_path}:\n" + _tail(log_path)
+        )
     address_file = temp_dir / "ray_current_cluster"
     gcs_address = address_file.read_text().strip() if address_file.exists() else f"{HOST}:{ports.ray}"
     return starter.pid, gcs_address
@@ -333,15 +411,18 @@ def _wait_until_healthy(services: Services, mlflow_process: subprocess.Popen, ti
     while True:
         if mlflow_process.poll() is not None:
             log = Path(services.state_dir) / "mlflow.log"
-            raise MlpscaleError(f"the MLflow server exited (status {mlflow_process.returncode}); "
-                                f"its output is in {log}:\n{_tail(log)}")
+            raise MlpscaleError(
+                f"the MLflow server exited (status {mlflow_process.returncode}); its output is in {log}:\n{_tail(log)}"
+            )
         problems = health_problems(services)
         if not problems:
             write_env_file(services)
             return
         if time.monotonic() > deadline:
-            raise MlpscaleError(f"services not ready after {timeout_s:.0f} s: {'; '.join(problems)}; "
-                                f"see the logs in {services.state_dir}")
+            raise MlpscaleError(
+                f"services not ready after {timeout_s:.0f} s: {'; '.join(problems)}; "
+                f"see the logs in {services.state_dir}"
+            )
         time.sleep(0.5)
 
 

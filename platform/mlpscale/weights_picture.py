@@ -23,13 +23,16 @@ def first_layer_filters(model: torch.nn.Module, resolution: int, count: int = 25
     """The first `count` units of `model.embed` as (count, R, R) arrays: max over the input channels."""
     embed = getattr(model, "embed", None)
     if not isinstance(embed, torch.nn.Linear):
-        raise MlpscaleError(f"{type(model).__name__} has no first linear layer `embed`; "
-                            "weight pictures need an mlpscale MLP")
+        raise MlpscaleError(
+            f"{type(model).__name__} has no first linear layer `embed`; weight pictures need an mlpscale MLP"
+        )
     weight = embed.weight.detach().float().cpu()
     pixels = resolution * resolution
     if weight.shape[1] % pixels:
-        raise MlpscaleError(f"the first layer takes {weight.shape[1]} inputs, not a multiple of "
-                            f"{resolution}x{resolution}; pass the resolution the model was trained at")
+        raise MlpscaleError(
+            f"the first layer takes {weight.shape[1]} inputs, not a multiple of "
+            f"{resolution}x{resolution}; pass the resolution the model was trained at"
+        )
     channels = weight.shape[1] // pixels
     units = weight[:count].reshape(-1, channels, resolution, resolution)
     return units.amax(dim=1).numpy()

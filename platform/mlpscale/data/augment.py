@@ -16,27 +16,27 @@ No separate flip, permute or copy stage follows.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Callable, Sequence
 
 import numba
 import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
-from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
 
 _NEVER_FREED: list = []
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _TO_UNIT = 1.0 / float(1 << 53)
-_jit = numba.njit(fastmath=True, nogil=True, error_model='numpy')  # FFCV's compile options
+_jit = numba.njit(fastmath=True, nogil=True, error_model="numpy")  # FFCV's compile options
 
 
 @intrinsic
@@ -176,24 +176,27 @@ class _ChannelsFirstDecoder:
             self.shift_per_channel = np.zeros(3, np.float32)
 
     def declare_state_and_memory(self, previous_state):
-        self.max_width = np.uint64(self.metadata['width'].max())
-        self.max_height = np.uint64(self.metadata['height'].max())
+        self.max_width = np.uint64(self.metadata["width"].max())
+        self.max_height = np.uint64(self.metadata["height"].max())
         height, width = self.output_size
-        dtype = np.dtype('<f4') if self.normalized else np.dtype('<u1')
+        dtype = np.dtype("<f4") if self.normalized else np.dtype("<u1")
         output_shape = (3, height, width)
         # normalised batches are allocated fresh per batch (see _fresh_output), so their slots stay tiny
         slot_shape = (1,) if self.normalized else output_shape
-        return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=dtype),
-                (AllocationQuery(slot_shape, dtype),
-                 AllocationQuery((self.max_height * self.max_width * np.uint64(3),), np.dtype('<u1')),
-                 AllocationQuery((height, width, 3), np.dtype('<u1'))))
+        return (
+            replace(previous_state, jit_mode=True, shape=output_shape, dtype=dtype),
+            (
+                AllocationQuery(slot_shape, dtype),
+                AllocationQuery((self.max_height * self.max_width * np.uint64(3),), np.dtype("<u1")),
+                AllocationQuery((height, width, 3), np.dtype("<u1")),
+            ),
+        )
 
 
 class SeededRandomResizedCrop(_ChannelsFirstDecoder, RandomResizedCropRGBImageDecoder):
     """Random resized crop (torchvision's draw) plus an optional horizontal flip (p=0.5), seeded per sample."""
 
-    def __init__(self, output_size, scale, ratio, *, seed: int, epoch: EpochCell, flip: bool = False,
-                 normalize=None):
+    def __init__(self, output_size, scale, ratio, *, seed: int, epoch: EpochCell, flip: bool = False, normalize=None):
         super().__init__(output_size, scale=tuple(scale), ratio=tuple(ratio))
         self.seed = int(seed)
         self.epoch = epoch
@@ -250,7 +253,7 @@ def _decode_loop(op, crop_and_flip) -> Callable:
     The compiled JPEG decoder is kept for the life of the process: when numba frees it, its
     dispatcher finalizer fails on its signature's key (a KeyError "Exception ignored").
     """
-    jpg = IMAGE_MODES['jpg']
+    jpg = IMAGE_MODES["jpg"]
     mem_read = op.memory_read
     my_range = Compiler.get_iterator()
     imdecode_c = Compiler.compile(imdecode)
@@ -266,10 +269,10 @@ def _decode_loop(op, crop_and_flip) -> Callable:
         for dst_ix in my_range(len(batch_indices)):
             source_ix = batch_indices[dst_ix]
             field = metadata[source_ix]
-            image_data = mem_read(field['data_ptr'], storage_state)
-            height = np.uint32(field['height'])
-            width = np.uint32(field['width'])
-            if field['mode'] == jpg:
+            image_data = mem_read(field["data_ptr"], storage_state)
+            height = np.uint32(field["height"])
+            width = np.uint32(field["width"])
+            if field["mode"] == jpg:
                 temp_buffer = temp_storage[dst_ix]
                 imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
                 selected_size = 3 * height * width

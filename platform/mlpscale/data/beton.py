@@ -16,13 +16,13 @@ from time import sleep
 
 import cv2
 import numpy as np
-
-import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.reader import Reader
 from ffcv.writer import DatasetWriter
 from tqdm import tqdm
+
+import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,16 @@ class _CheckedWriter(DatasetWriter):
             workqueue.put(None)
         done_number = Value(ctypes.c_uint64, 0)
         allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-        worker_args = (workqueue, self.metadata_sm, self.metadata_type, self.fields,
-                       allocator, done_number, allocations_queue, *extra_worker_args)
+        worker_args = (
+            workqueue,
+            self.metadata_sm,
+            self.metadata_type,
+            self.fields,
+            allocator,
+            done_number,
+            allocations_queue,
+            *extra_worker_args,
+        )
         processes = [Process(target=work_fn, args=worker_args) for _ in range(self.num_workers)]
         try:
             for process in processes:
@@ -108,8 +116,16 @@ class _CheckedWriter(DatasetWriter):
             self.metadata_sm.unlink()
 
 
-def write_beton(path: str | os.PathLike, images, labels, *, jpeg: bool = False,
-                jpeg_quality: int = JPEG_QUALITY, num_workers: int | None = None, dataset=None) -> Path:
+def write_beton(
+    path: str | os.PathLike,
+    images,
+    labels,
+    *,
+    jpeg: bool = False,
+    jpeg_quality: int = JPEG_QUALITY,
+    num_workers: int | None = None,
+    dataset=None,
+) -> Path:
     """Write images (N, R, R, 3 uint8) and int labels as `path`, atomically. `dataset` overrides the pair source.
 
     Raw pixels need one writer process (a copy per image); JPEG encoding gets up to 8.
@@ -121,8 +137,9 @@ def write_beton(path: str | os.PathLike, images, labels, *, jpeg: bool = False,
     dataset = dataset if dataset is not None else _ArrayDataset(images, labels)
     resolution = int(images.shape[1]) if images is not None else None
     fields = {
-        "image": RGBImageField(write_mode="jpg" if jpeg else "raw", max_resolution=resolution,
-                               jpeg_quality=jpeg_quality),
+        "image": RGBImageField(
+            write_mode="jpg" if jpeg else "raw", max_resolution=resolution, jpeg_quality=jpeg_quality
+        ),
         "label": IntField(),
     }
     writer = _CheckedWriter(str(tmp), fields, num_workers=max(1, num_workers))
@@ -151,8 +168,8 @@ def read_beton(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     for index, record in enumerate(image_meta):
         pointer = int(record["data_ptr"])
         if record["mode"] == _JPG_MODE:
-            encoded = raw[pointer:pointer + sizes[pointer]]
+            encoded = raw[pointer : pointer + sizes[pointer]]
             images[index] = cv2.cvtColor(cv2.imdecode(np.asarray(encoded), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         else:
-            images[index] = raw[pointer:pointer + height * width * 3].reshape(height, width, 3)
+            images[index] = raw[pointer : pointer + height * width * 3].reshape(height, width, 3)
     return images, labels

@@ -29,8 +29,8 @@ class UndecodableImage(Exception):
 
 @dataclass
 class StagedSplit:
-    images: np.ndarray                     # (N, R, R, 3) uint8, memory-mapped
-    labels: np.ndarray                     # (N,) int64
+    images: np.ndarray  # (N, R, R, 3) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int64
     skipped: list[dict] = field(default_factory=list)
     path: Path | None = None
 
@@ -117,8 +117,15 @@ def default_decode_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def stage_split(split: SplitSource, resolution: int, stage_path: Path, *, strict: bool = False,
-                description: str = "decoding", decode_workers: int | None = None) -> StagedSplit:
+def stage_split(
+    split: SplitSource,
+    resolution: int,
+    stage_path: Path,
+    *,
+    strict: bool = False,
+    description: str = "decoding",
+    decode_workers: int | None = None,
+) -> StagedSplit:
     """Decode every item of `split`, resize it to R x R, and store it in a memmap at `stage_path`.
 
     Image files are decoded by a pool of `decode_workers` processes (in order); in-memory arrays in this process.
@@ -162,6 +169,9 @@ def stage_split(split: SplitSource, resolution: int, stage_path: Path, *, strict
         if pool is not None:
             pool.terminate()
             pool.join()
-    view = np.memmap(stage_path, dtype=np.uint8, mode="r", shape=(count, resolution, resolution, 3)) if count else \
-        np.zeros((0, resolution, resolution, 3), dtype=np.uint8)
+    view = (
+        np.memmap(stage_path, dtype=np.uint8, mode="r", shape=(count, resolution, resolution, 3))
+        if count
+        else np.zeros((0, resolution, resolution, 3), dtype=np.uint8)
+    )
     return StagedSplit(images=view, labels=labels[:count], skipped=skipped, path=stage_path)

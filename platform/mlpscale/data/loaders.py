@@ -19,17 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
-
-import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop, normalization_affine
 from mlpscale.data.choices import ORDERS
 from mlpscale.data.host_memory import keep_freed_memory
@@ -58,9 +59,18 @@ class MlpLoader:
     made ahead in FFCV's thread (default: off the CPU) or on demand in the consuming thread.
     """
 
-    def __init__(self, ffcv_loader, *, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 epoch_cell: EpochCell, normalized_by_decoder: bool, mixup: MixUp | None = None,
-                 prefetch: bool | None = None) -> None:
+    def __init__(
+        self,
+        ffcv_loader,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        epoch_cell: EpochCell,
+        normalized_by_decoder: bool,
+        mixup: MixUp | None = None,
+        prefetch: bool | None = None,
+    ) -> None:
         self.ffcv_loader = ffcv_loader
         self.device = torch.device(device)
         self.prefetch = self.device.type != "cpu" if prefetch is None else bool(prefetch)
@@ -126,34 +136,103 @@ class MlpLoader:
             iterator.stop()
 
 
-def train_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int | None = None,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, mixup_alpha: float = 0.0,
-                 seed: int = 0, order: str = "random", distributed: bool = False,
-                 drop_last: bool = True) -> MlpLoader:
+def train_loader(
+    path,
+    *,
+    batch_size: int,
+    resolution: int,
+    mean,
+    std,
+    device,
+    num_workers: int | None = None,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip: bool = True,
+    mixup_alpha: float = 0.0,
+    seed: int = 0,
+    order: str = "random",
+    distributed: bool = False,
+    drop_last: bool = True,
+) -> MlpLoader:
     """Random resized crop and flip -> device -> normalise -> MixUp, in random or quasi-random order."""
     _check_scale_ratio(scale, ratio)
     mixup = MixUp(mixup_alpha, seed=seed)
     epoch = EpochCell()
-    decoder = SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip,
-                                      normalize=_decoder_normalization(mean, std, device, mixup.enabled))
-    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
-                          order=order, seed=seed, distributed=distributed, drop_last=drop_last)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch,
-                     normalized_by_decoder=decoder.normalized, mixup=mixup)
+    decoder = SeededRandomResizedCrop(
+        (resolution, resolution),
+        scale,
+        ratio,
+        seed=seed,
+        epoch=epoch,
+        flip=flip,
+        normalize=_decoder_normalization(mean, std, device, mixup.enabled),
+    )
+    loader = _ffcv_loader(
+        path,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        decoder=decoder,
+        order=order,
+        seed=seed,
+        distributed=distributed,
+        drop_last=drop_last,
+    )
+    return MlpLoader(
+        loader,
+        mean=mean,
+        std=std,
+        device=device,
+        epoch_cell=epoch,
+        normalized_by_decoder=decoder.normalized,
+        mixup=mixup,
+    )
 
 
-def eval_loader(path, *, batch_size: int, resolution: int, mean, std, device, num_workers: int | None = None,
-                distributed: bool = False) -> MlpLoader:
+def eval_loader(
+    path,
+    *,
+    batch_size: int,
+    resolution: int,
+    mean,
+    std,
+    device,
+    num_workers: int | None = None,
+    distributed: bool = False,
+) -> MlpLoader:
     """Centre crop (the whole square image) resized to `resolution`, every example once, in file order."""
     decoder = CenterCrop((resolution, resolution), ratio=1.0, normalize=_decoder_normalization(mean, std, device))
-    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
-                          order="sequential", seed=0, distributed=distributed, drop_last=False)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=EpochCell(),
-                     normalized_by_decoder=decoder.normalized)
+    loader = _ffcv_loader(
+        path,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        decoder=decoder,
+        order="sequential",
+        seed=0,
+        distributed=distributed,
+        drop_last=False,
+    )
+    return MlpLoader(
+        loader, mean=mean, std=std, device=device, epoch_cell=EpochCell(), normalized_by_decoder=decoder.normalized
+    )
 
 
-def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, scale, ratio, seed: int = 0,
-               flip: bool = True, num_workers: int | None = None, distributed: bool = False) -> MlpLoader:
+def tta_loader(
+    path,
+    *,
+    batch_size: int,
+    resolution: int,
+    mean,
+    std,
+    device,
+    scale,
+    ratio,
+    seed: int = 0,
+    flip: bool = True,
+    num_workers: int | None = None,
+    distributed: bool = False,
+) -> MlpLoader:
     """Test-time augmentation: seeded random resized crops (and flips) in file order, no example dropped.
 
     Each pass over the loader draws new crops (pass k = epoch k), reproducibly for a given seed,
@@ -161,20 +240,39 @@ def tta_loader(path, *, batch_size: int, resolution: int, mean, std, device, sca
     """
     _check_scale_ratio(scale, ratio)
     epoch = EpochCell()
-    decoder = SeededRandomResizedCrop((resolution, resolution), scale, ratio, seed=seed, epoch=epoch, flip=flip,
-                                      normalize=_decoder_normalization(mean, std, device))
-    loader = _ffcv_loader(path, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder,
-                          order="sequential", seed=seed, distributed=distributed, drop_last=False)
-    return MlpLoader(loader, mean=mean, std=std, device=device, epoch_cell=epoch,
-                     normalized_by_decoder=decoder.normalized)
+    decoder = SeededRandomResizedCrop(
+        (resolution, resolution),
+        scale,
+        ratio,
+        seed=seed,
+        epoch=epoch,
+        flip=flip,
+        normalize=_decoder_normalization(mean, std, device),
+    )
+    loader = _ffcv_loader(
+        path,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        decoder=decoder,
+        order="sequential",
+        seed=seed,
+        distributed=distributed,
+        drop_last=False,
+    )
+    return MlpLoader(
+        loader, mean=mean, std=std, device=device, epoch_cell=epoch, normalized_by_decoder=decoder.normalized
+    )
 
 
 def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed, distributed, drop_last):
     """The FFCV Loader with the given channels-first image decoder, then (off the CPU) the copy to the device."""
     path = Path(path)
     if not path.is_file():
-        raise MlpscaleError(f"dataset file {path} does not exist; create it with "
-                            f"`python jobs/prepare_data.py DATASET --data-dir DIR --resolution R`")
+        raise MlpscaleError(
+            f"dataset file {path} does not exist; create it with "
+            f"`python jobs/prepare_data.py DATASET --data-dir DIR --resolution R`"
+        )
     if batch_size < 1:
         raise MlpscaleError(f"batch_size={batch_size} must be at least 1")
     if order not in ORDERS:
@@ -182,8 +280,10 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed,
     if order == "quasi_random" and distributed:
         raise MlpscaleError("order='quasi_random' is not supported with several workers (FFCV); use order='random'")
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise MlpscaleError("distributed=True needs an initialised torch.distributed process group "
-                            "(Ray Train sets one up with several workers); use distributed=False")
+        raise MlpscaleError(
+            "distributed=True needs an initialised torch.distributed process group "
+            "(Ray Train sets one up with several workers); use distributed=False"
+        )
     device = torch.device(device)
     num_workers = default_threads(device) if num_workers is None else int(num_workers)
     if num_workers < 1:
@@ -192,20 +292,33 @@ def _ffcv_loader(path, *, batch_size, device, num_workers, decoder, order, seed,
         keep_freed_memory()  # each CPU batch is a new float tensor (decoder or MixUp pass); keep freed blocks for it
     to_device = [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
     pipelines = {"image": [decoder, ToTensor(), *to_device], "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]}
-    ffcv_order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
-                  "sequential": OrderOption.SEQUENTIAL}[order]
+    ffcv_order = {
+        "random": OrderOption.RANDOM,
+        "quasi_random": OrderOption.QUASI_RANDOM,
+        "sequential": OrderOption.SEQUENTIAL,
+    }[order]
     # QUASI_RANDOM exists to read page by page from a process-private cache; the rest use the OS page cache.
     os_cache = order != "quasi_random"
     torch_threads = torch.get_num_threads()
     try:
-        loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=num_workers, order=ffcv_order,
-                        os_cache=os_cache, distributed=distributed, seed=seed, drop_last=drop_last,
-                        pipelines=pipelines)
+        loader = Loader(
+            os.fspath(path),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            order=ffcv_order,
+            os_cache=os_cache,
+            distributed=distributed,
+            seed=seed,
+            drop_last=drop_last,
+            pipelines=pipelines,
+        )
     finally:
         torch.set_num_threads(torch_threads)
     if len(loader) == 0:
-        raise MlpscaleError(f"batch_size={batch_size} is larger than the {loader.reader.num_samples} examples "
-                            f"{path} holds per rank; lower batch_size")
+        raise MlpscaleError(
+            f"batch_size={batch_size} is larger than the {loader.reader.num_samples} examples "
+            f"{path} holds per rank; lower batch_size"
+        )
     log.debug("loader %s: %d batches of %d, order %s", path.name, len(loader), batch_size, order)
     return loader
 
@@ -217,7 +330,7 @@ def _epoch(loader, kind: type[EpochIterator]) -> EpochIterator:
     loader.next_epoch += 1
     if loader.code is None or loader.recompile:
         loader.generate_code()
-    return kind(loader, order[:len(loader) * loader.batch_size])
+    return kind(loader, order[: len(loader) * loader.batch_size])
 
 
 class _PrefetchEpoch(EpochIterator):
@@ -237,8 +350,10 @@ class _PrefetchEpoch(EpochIterator):
                 item = self.output_queue.get(timeout=1.0)
             except queue.Empty:
                 if not self.is_alive():
-                    raise RuntimeError(f"the FFCV pipeline of {self.loader.fname} stopped without finishing the "
-                                       "epoch; its error is printed above") from None
+                    raise RuntimeError(
+                        f"the FFCV pipeline of {self.loader.fname} stopped without finishing the "
+                        "epoch; its error is printed above"
+                    ) from None
                 continue
             if item is None:
                 return
@@ -319,6 +434,8 @@ def _channel_tensor(values, device: torch.device) -> torch.Tensor:
 
 def _check_scale_ratio(scale, ratio) -> None:
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise MlpscaleError(f"crop scale={tuple(scale)} must be (low, high) with 0 < low <= high <= 1, e.g. (0.08, 1.0)")
+        raise MlpscaleError(
+            f"crop scale={tuple(scale)} must be (low, high) with 0 < low <= high <= 1, e.g. (0.08, 1.0)"
+        )
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
         raise MlpscaleError(f"crop ratio={tuple(ratio)} must be (low, high) with 0 < low <= high, e.g. (0.75, 1.333)")

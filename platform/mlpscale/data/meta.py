@@ -50,7 +50,7 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], l
     total_sq = np.zeros(3, dtype=np.float64)
     count = 0
     for start in range(0, len(images), chunk):
-        block = np.asarray(images[start:start + chunk], dtype=np.float64).reshape(-1, 3)
+        block = np.asarray(images[start : start + chunk], dtype=np.float64).reshape(-1, 3)
         total += block.sum(axis=0)
         total_sq += np.square(block).sum(axis=0)
         count += block.shape[0]

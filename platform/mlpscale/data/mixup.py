@@ -42,8 +42,7 @@ class MixUp:
         lam = float(self._rng.beta(self.alpha, self.alpha))
         return lam, self._rng.permutation(batch_size)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Return (mixed images, labels of the mixed-in images, lam); (images, None, 1.0) when off."""
         if not self.enabled:
             return images, None, 1.0
@@ -54,8 +53,9 @@ class MixUp:
         mixed = images.index_select(0, perm).lerp_(images, lam)  # two passes: (1 - lam) * x[perm] + lam * x
         return mixed, labels.index_select(0, perm), lam
 
-    def normalize_and_mix(self, images: torch.Tensor, labels: torch.Tensor, scale: np.ndarray, shift: np.ndarray
-                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def normalize_and_mix(
+        self, images: torch.Tensor, labels: torch.Tensor, scale: np.ndarray, shift: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """uint8 (B, C, H, W) CPU images -> float32 `lam * n(x) + (1 - lam) * n(x[perm])`, n(v) = v * scale + shift.
 
         `scale` and `shift` are per channel (1 / std and -mean / std); the result is a new tensor.
@@ -65,9 +65,14 @@ class MixUp:
         lam, perm = self.draw(images.shape[0])
         batch, channels = images.shape[:2]
         mixed = np.empty(tuple(images.shape), np.float32)
-        _normalize_and_mix(images.numpy().reshape(batch, channels, -1), perm, np.float32(lam),
-                           np.asarray(scale, np.float32), np.asarray(shift, np.float32),
-                           mixed.reshape(batch, channels, -1))
+        _normalize_and_mix(
+            images.numpy().reshape(batch, channels, -1),
+            perm,
+            np.float32(lam),
+            np.asarray(scale, np.float32),
+            np.asarray(shift, np.float32),
+            mixed.reshape(batch, channels, -1),
+        )
         return torch.from_numpy(mixed), labels.index_select(0, torch.from_numpy(perm)), lam
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -46,7 +46,9 @@ def _check_resolution(dataset: str, resolution: int | None, jpeg: bool | None) -
     return resolution, (resolution > MAX_RAW_RESOLUTION) if jpeg is None else bool(jpeg)
 
 
-def _write_subsets(directory: Path, images: np.ndarray, labels: np.ndarray, sizes: Iterable[int], jpeg: bool) -> list[Path]:
+def _write_subsets(
+    directory: Path, images: np.ndarray, labels: np.ndarray, sizes: Iterable[int], jpeg: bool
+) -> list[Path]:
     from mlpscale.data.beton import write_beton
 
     order = nested_order(labels)
@@ -54,8 +56,9 @@ def _write_subsets(directory: Path, images: np.ndarray, labels: np.ndarray, size
     for size in sizes:
         indices = np.sort(order[:size])
         path = directory / f"{subset_name(size)}.beton"
-        write_beton(path, images[indices] if len(indices) <= 50_000 else _Take(images, indices), labels[indices],
-                    jpeg=jpeg)
+        write_beton(
+            path, images[indices] if len(indices) <= 50_000 else _Take(images, indices), labels[indices], jpeg=jpeg
+        )
         paths.append(path)
     return paths
 
@@ -80,9 +83,18 @@ class _Take:
         return self.images[self.indices[index]]
 
 
-def prepare_dataset(dataset: str, *, source: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
-                    resolution: int | None = None, n_train: Iterable[int] = (), strict: bool = False,
-                    jpeg: bool | None = None, overwrite: bool = False, name: str | None = None) -> Path:
+def prepare_dataset(
+    dataset: str,
+    *,
+    source: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    resolution: int | None = None,
+    n_train: Iterable[int] = (),
+    strict: bool = False,
+    jpeg: bool | None = None,
+    overwrite: bool = False,
+    name: str | None = None,
+) -> Path:
     """Convert `dataset` once and return its directory `<data-dir>/<name or dataset>/res<R>`.
 
     `n_train` adds nested class-proportional subsets; `strict` stops at the first undecodable image
@@ -107,9 +119,13 @@ def prepare_dataset(dataset: str, *, source: str | os.PathLike | None = None, da
     staged: dict[str, StagedSplit] = {}
     try:
         for split in SPLITS:
-            staged[split] = stage_split(src.splits[split], resolution,
-                                        directory / f".{split}.stage-{os.getpid()}.u8",
-                                        strict=strict, description=f"{name or dataset} {split}")
+            staged[split] = stage_split(
+                src.splits[split],
+                resolution,
+                directory / f".{split}.stage-{os.getpid()}.u8",
+                strict=strict,
+                description=f"{name or dataset} {split}",
+            )
             if len(staged[split]) == 0:
                 raise MlpscaleError(f"the {split} split of {src.origin} has no decodable images")
             bad = staged[split].labels[(staged[split].labels < 0) | (staged[split].labels >= len(src.classes))]
@@ -127,23 +143,27 @@ def prepare_dataset(dataset: str, *, source: str | os.PathLike | None = None, da
         mean, std = channel_stats(train.images)
         skipped = staged["train"].skipped + staged["test"].skipped
         counts = _ordered_counts({split: len(staged[split]) for split in SPLITS} | {subset_name(n): n for n in sizes})
-        write_meta(directory, {
-            "dataset": name or dataset,
-            "format": dataset,
-            "num_classes": len(src.classes),
-            "classes": list(src.classes),
-            "counts": counts,
-            "class_counts": {split: np.bincount(staged[split].labels, minlength=len(src.classes)).tolist()
-                             for split in SPLITS},
-            "mean": mean,
-            "std": std,
-            "resolution": resolution,
-            "image_format": "jpg" if jpeg else "raw",
-            "skipped": skipped,
-            "subsets": sizes,
-            "source": src.origin,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
+        write_meta(
+            directory,
+            {
+                "dataset": name or dataset,
+                "format": dataset,
+                "num_classes": len(src.classes),
+                "classes": list(src.classes),
+                "counts": counts,
+                "class_counts": {
+                    split: np.bincount(staged[split].labels, minlength=len(src.classes)).tolist() for split in SPLITS
+                },
+                "mean": mean,
+                "std": std,
+                "resolution": resolution,
+                "image_format": "jpg" if jpeg else "raw",
+                "skipped": skipped,
+                "subsets": sizes,
+                "source": src.origin,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
     finally:
         for stage in staged.values():
             stage.remove()
@@ -154,8 +174,9 @@ def prepare_dataset(dataset: str, *, source: str | os.PathLike | None = None, da
     return directory
 
 
-def add_subsets(dataset: str, resolution: int, n_train_list: Iterable[int], data_dir: str | os.PathLike | None = None
-                ) -> list[Path]:
+def add_subsets(
+    dataset: str, resolution: int, n_train_list: Iterable[int], data_dir: str | os.PathLike | None = None
+) -> list[Path]:
     """Write the missing nested subsets of an existing conversion from its train.beton; returns all requested paths."""
     directory = dataset_dir(dataset, resolution, data_dir)
     meta = load_meta(directory)

@@ -12,9 +12,9 @@ import os
 import pickle
 import re
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -30,16 +30,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 @dataclass
 class SplitSource:
     name: str
-    size: int                                   # items the split will yield (before skipping undecodable files)
+    size: int  # items the split will yield (before skipping undecodable files)
     items: Callable[[], Iterator[Item]]
 
 
 @dataclass
 class Source:
     dataset: str
-    origin: str                                 # where it came from, for meta.json
+    origin: str  # where it came from, for meta.json
     classes: list[str]
-    splits: dict[str, SplitSource]              # "train" and "test"
+    splits: dict[str, SplitSource]  # "train" and "test"
 
 
 def _array_split(name: str, images: np.ndarray, labels: np.ndarray) -> SplitSource:
@@ -48,6 +48,7 @@ def _array_split(name: str, images: np.ndarray, labels: np.ndarray) -> SplitSour
 
 
 # --- digits -----------------------------------------------------------------------------------
+
 
 def read_digits(source: str | os.PathLike | None = None) -> Source:
     """scikit-learn's 8x8 digits (0..16 gray levels scaled to 0..255), split 80/20 stratified with seed 0."""
@@ -59,24 +60,34 @@ def read_digits(source: str | os.PathLike | None = None) -> Source:
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     labels = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
-                                           stratify=labels, random_state=DIGITS_SPLIT_SEED)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, stratify=labels, random_state=DIGITS_SPLIT_SEED
+    )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     return Source(
-        dataset="digits", origin="sklearn.datasets.load_digits",
+        dataset="digits",
+        origin="sklearn.datasets.load_digits",
         classes=[str(d) for d in range(10)],
-        splits={"train": _array_split("train", images[train_idx], labels[train_idx]),
-                "test": _array_split("test", images[test_idx], labels[test_idx])},
+        splits={
+            "train": _array_split("train", images[train_idx], labels[train_idx]),
+            "test": _array_split("test", images[test_idx], labels[test_idx]),
+        },
     )
 
 
 # --- cifar ------------------------------------------------------------------------------------
 
 _CIFAR = {
-    "cifar10": dict(train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-                    meta="batches.meta", label_key=b"labels", names_key=b"label_names"),
-    "cifar100": dict(train=["train"], test=["test"], meta="meta",
-                     label_key=b"fine_labels", names_key=b"fine_label_names"),
+    "cifar10": dict(
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        meta="batches.meta",
+        label_key=b"labels",
+        names_key=b"label_names",
+    ),
+    "cifar100": dict(
+        train=["train"], test=["test"], meta="meta", label_key=b"fine_labels", names_key=b"fine_label_names"
+    ),
 }
 
 
@@ -95,7 +106,8 @@ def _cifar_files(dataset: str, source: Path) -> dict[str, bytes]:
         except (tarfile.TarError, OSError) as error:
             raise MlpscaleError(
                 f"cannot read {source} as a tar archive ({error}); expected the official CIFAR "
-                f"python-version archive (e.g. {dataset.replace('cifar', 'cifar-')}-python.tar.gz) or its extracted folder"
+                f"python-version archive (e.g. {dataset.replace('cifar', 'cifar-')}-python.tar.gz) "
+                "or its extracted folder"
             ) from None
     else:
         for folder in [source, *sorted(p for p in source.iterdir() if p.is_dir())]:
@@ -122,8 +134,10 @@ def _read_cifar(dataset: str, source: str | os.PathLike | None) -> Source:
     source = _existing(dataset, source, "the official python-version .tar.gz or its extracted folder")
     spec = _CIFAR[dataset]
     files = _cifar_files(dataset, source)
-    names = [n.decode() if isinstance(n, bytes) else str(n)
-             for n in _unpickle(spec["meta"], files[spec["meta"]], source)[spec["names_key"]]]
+    names = [
+        n.decode() if isinstance(n, bytes) else str(n)
+        for n in _unpickle(spec["meta"], files[spec["meta"]], source)[spec["names_key"]]
+    ]
 
     def load(batch_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
@@ -138,9 +152,15 @@ def _read_cifar(dataset: str, source: str | os.PathLike | None) -> Source:
 
     train_images, train_labels = load(spec["train"])
     test_images, test_labels = load(spec["test"])
-    return Source(dataset=dataset, origin=str(source), classes=names,
-                  splits={"train": _array_split("train", train_images, train_labels),
-                          "test": _array_split("test", test_images, test_labels)})
+    return Source(
+        dataset=dataset,
+        origin=str(source),
+        classes=names,
+        splits={
+            "train": _array_split("train", train_images, train_labels),
+            "test": _array_split("test", test_images, test_labels),
+        },
+    )
 
 
 def read_cifar10(source=None) -> Source:
@@ -153,9 +173,13 @@ def read_cifar100(source=None) -> Source:
 
 # --- folder -----------------------------------------------------------------------------------
 
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and (p.suffix.lower() in IMAGE_SUFFIXES or not p.suffix))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and (p.suffix.lower() in IMAGE_SUFFIXES or not p.suffix)
+    )
 
 
 def read_folder(source: str | os.PathLike | None = None) -> Source:
@@ -175,18 +199,25 @@ def read_folder(source: str | os.PathLike | None = None) -> Source:
         entries: list[tuple[Path, int]] = []
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if class_dir.name not in index:
-                raise MlpscaleError(f"class folder {class_dir} has no counterpart in {train_dir}; "
-                                    f"rename it to one of the train classes or add it to train/")
+                raise MlpscaleError(
+                    f"class folder {class_dir} has no counterpart in {train_dir}; "
+                    f"rename it to one of the train classes or add it to train/"
+                )
             entries += [(path, index[class_dir.name]) for path in _image_files(class_dir)]
         if not entries:
             raise MlpscaleError(f"{folder} holds no image files; expected {expected}")
         return SplitSource(name, len(entries), lambda: iter(entries))
 
-    return Source(dataset="folder", origin=str(source), classes=classes,
-                  splits={"train": split("train", train_dir), "test": split("test", test_dir)})
+    return Source(
+        dataset="folder",
+        origin=str(source),
+        classes=classes,
+        splits={"train": split("train", train_dir), "test": split("test", test_dir)},
+    )
 
 
 # --- imagenet64 -------------------------------------------------------------------------------
+
 
 def _batch_number(path: Path) -> int:
     match = re.search(r"(\d+)$", path.name.removesuffix(".npz"))
@@ -197,8 +228,10 @@ def _load_npz(path: Path):
     try:
         return np.load(path, allow_pickle=False)
     except Exception as error:  # noqa: BLE001 - any reading failure is a bad source file
-        raise MlpscaleError(f"cannot read {path} as an npz batch ({error}); expected downsampled-ImageNet "
-                            f"npz files with 'data' and 'labels'") from None
+        raise MlpscaleError(
+            f"cannot read {path} as an npz batch ({error}); expected downsampled-ImageNet "
+            f"npz files with 'data' and 'labels'"
+        ) from None
 
 
 def read_imagenet64(source: str | os.PathLike | None = None) -> Source:
@@ -206,11 +239,14 @@ def read_imagenet64(source: str | os.PathLike | None = None) -> Source:
     expected = "train_data_batch_1..10(.npz) and val_data(.npz) (downsampled ImageNet, Chrabaszcz et al. 2017)"
     source = _existing("imagenet64", source, expected)
     candidates = [p for p in source.rglob("*") if p.is_file()]
-    train_files = sorted((p for p in candidates if re.fullmatch(r"train_data_batch_\d+(\.npz)?", p.name)),
-                         key=_batch_number)
+    train_files = sorted(
+        (p for p in candidates if re.fullmatch(r"train_data_batch_\d+(\.npz)?", p.name)), key=_batch_number
+    )
     val_files = [p for p in candidates if re.fullmatch(r"val_data(\.npz)?", p.name)]
     if not train_files or not val_files:
-        raise MlpscaleError(f"{source} lacks {'train_data_batch_*' if not train_files else 'val_data'}; expected {expected}")
+        raise MlpscaleError(
+            f"{source} lacks {'train_data_batch_*' if not train_files else 'val_data'}; expected {expected}"
+        )
 
     def labels_of(path: Path) -> np.ndarray:
         with _load_npz(path) as batch:
@@ -243,8 +279,12 @@ def read_imagenet64(source: str | os.PathLike | None = None) -> Source:
     train, train_top = split("train", train_files)
     test, test_top = split("test", val_files)
     num_classes = max(train_top, test_top) + 1
-    return Source(dataset="imagenet64", origin=str(source), classes=_imagenet_names(source, num_classes),
-                  splits={"train": train, "test": test})
+    return Source(
+        dataset="imagenet64",
+        origin=str(source),
+        classes=_imagenet_names(source, num_classes),
+        splits={"train": train, "test": test},
+    )
 
 
 def _imagenet_names(source: Path, num_classes: int) -> list[str]:
@@ -260,6 +300,7 @@ def _imagenet_names(source: Path, num_classes: int) -> list[str]:
 
 
 # --- dispatch ---------------------------------------------------------------------------------
+
 
 def _existing(dataset: str, source: str | os.PathLike | None, expected: str) -> Path:
     if source is None:

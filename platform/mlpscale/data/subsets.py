@@ -8,7 +8,7 @@ sorting by key interleaves the classes so that every prefix holds each class in 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

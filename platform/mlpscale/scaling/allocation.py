@@ -47,8 +47,7 @@ def frontier_allocation(runs: pd.DataFrame) -> FrontierAllocation:
     params_line = fit_loglog_line(frontier["compute_flops"], frontier["num_params"], "P*(C)", what)
     data_line = fit_loglog_line(frontier["compute_flops"], frontier["n_train"], "N*(C)", what)
     if params_line.ok and len(np.unique(frontier["num_params"])) < 2:
-        params_line.status, params_line.params, params_line.goodness = (
-            "insufficient_data", None, None)
+        params_line.status, params_line.params, params_line.goodness = ("insufficient_data", None, None)
         params_line.message = "the compute-optimal runs all have the same model size; P*(C) needs at least 2"
     if data_line.ok and len(np.unique(frontier["n_train"])) < 2:
         data_line.status, data_line.params, data_line.goodness = "insufficient_data", None, None
@@ -78,12 +77,17 @@ def parametric_optimum(joint: LawFit, compute: float, k: float, epochs: float) -
     log_g = (np.log(a_p * A) - np.log(a_n * B)) / (a_p + a_n)
     log_p = log_g + a_n / (a_p + a_n) * np.log(budget)
     num_params, n_train = float(np.exp(log_p)), float(np.exp(np.log(budget) - log_p))
-    return {"num_params": num_params, "n_train": n_train,
-            "error": float(joint_law(num_params, n_train, **joint.params))}
+    return {
+        "num_params": num_params,
+        "n_train": n_train,
+        "error": float(joint_law(num_params, n_train, **joint.params)),
+    }
 
 
 def frontier_optimum(allocation: FrontierAllocation, compute: float) -> dict[str, float]:
     """P*(C) and N*(C) from the frontier lines."""
     p, n = allocation.params_line.params, allocation.data_line.params
-    return {"num_params": float(np.exp(p["intercept"] + p["slope"] * np.log(compute))),
-            "n_train": float(np.exp(n["intercept"] + n["slope"] * np.log(compute)))}
+    return {
+        "num_params": float(np.exp(p["intercept"] + p["slope"] * np.log(compute))),
+        "n_train": float(np.exp(n["intercept"] + n["slope"] * np.log(compute))),
+    }

@@ -51,14 +51,17 @@ class FitOutcome:
 def _validate(options: FitOptions) -> None:
     sources = [name for name in ("experiment", "sweep", "points") if getattr(options, name)]
     if len(sources) != 1:
-        raise MlpscaleError("give exactly one source: --experiment NAME, --sweep ID or --points FILE"
-                            + (f" (got {', '.join('--' + s for s in sources)})" if sources else ""))
+        raise MlpscaleError(
+            "give exactly one source: --experiment NAME, --sweep ID or --points FILE"
+            + (f" (got {', '.join('--' + s for s in sources)})" if sources else "")
+        )
     if options.epochs not in EPOCH_MODES:
         raise MlpscaleError(f"--epochs {options.epochs!r} is not allowed; use one of {', '.join(EPOCH_MODES)}")
     if options.bootstrap < 0:
         raise MlpscaleError(f"--bootstrap {options.bootstrap} must be >= 0 (0 skips the intervals)")
-    if options.predict_compute is not None and not (math.isfinite(options.predict_compute)
-                                                     and options.predict_compute > 0):
+    if options.predict_compute is not None and not (
+        math.isfinite(options.predict_compute) and options.predict_compute > 0
+    ):
         raise MlpscaleError(f"--predict-compute {options.predict_compute} must be a positive number of FLOPs")
 
 
@@ -69,17 +72,30 @@ def _load(options: FitOptions) -> tuple[pd.DataFrame, dict, list[dict], list[str
         return table, {"points_file": str(Path(options.points).resolve())}, [], [], []
     from mlpscale.tracking.queries import load_run_points
 
-    loaded = load_run_points(experiment=options.experiment, sweep=options.sweep, tracking_uri=options.tracking_uri,
-                             metric=options.metric, jobs=options.jobs, epochs=options.epochs)
-    source = {"experiment": options.experiment, "sweep": options.sweep, "experiment_ids": loaded.experiment_ids,
-              "runs_considered": loaded.runs_considered}
+    loaded = load_run_points(
+        experiment=options.experiment,
+        sweep=options.sweep,
+        tracking_uri=options.tracking_uri,
+        metric=options.metric,
+        jobs=options.jobs,
+        epochs=options.epochs,
+    )
+    source = {
+        "experiment": options.experiment,
+        "sweep": options.sweep,
+        "experiment_ids": loaded.experiment_ids,
+        "runs_considered": loaded.runs_considered,
+    }
     return loaded.table, source, loaded.skipped, loaded.warnings, loaded.experiment_ids
 
 
 def _metrics_for_mlflow(document: dict) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    for law, keys in (("compute_law", ("alpha", "e_inf")), ("params_law", ("alpha", "e_inf")),
-                      ("data_law", ("alpha", "e_inf"))):
+    for law, keys in (
+        ("compute_law", ("alpha", "e_inf")),
+        ("params_law", ("alpha", "e_inf")),
+        ("data_law", ("alpha", "e_inf")),
+    ):
         for key in keys:
             if document[law][key] is not None:
                 metrics[f"{law}.{key}"] = document[law][key]
@@ -102,23 +118,40 @@ def run_scaling_fit(options: FitOptions) -> FitOutcome:
     cleaned = clean_points(raw, options.epochs)
     points = cleaned.table
     if points.empty:
-        raise MlpscaleError(f"no usable points from {json.dumps(source)} (metric {options.metric!r}); "
-                            f"{len(skipped)} run(s) skipped" + (f": {skipped[0]['reason']}" if skipped else "")
-                            + ". Check the source and --metric")
-    analysis = analyse(points, n_boot=options.bootstrap, seed=options.seed,
-                       allocation_epoch=options.allocation_epoch, predict_compute=options.predict_compute)
+        raise MlpscaleError(
+            f"no usable points from {json.dumps(source)} (metric {options.metric!r}); "
+            f"{len(skipped)} run(s) skipped"
+            + (f": {skipped[0]['reason']}" if skipped else "")
+            + ". Check the source and --metric"
+        )
+    analysis = analyse(
+        points,
+        n_boot=options.bootstrap,
+        seed=options.seed,
+        allocation_epoch=options.allocation_epoch,
+        predict_compute=options.predict_compute,
+    )
     document = analysis.document
     all_warnings = list(options.extra_warnings) + warnings + cleaned.warnings + document["warnings"]
-    document.update({
-        "source": source, "metric": options.metric if not options.points else "error",
-        "error_definition": _error_definition(options), "epochs": options.epochs,
-        "bootstrap": {"replicates": options.bootstrap, "seed": options.seed, "resampled": "runs"},
-        "compute_convention": "C = 3 * forward_flops * n_train * epoch; 1 MAC = 1 FLOP",
-        "warnings": all_warnings,
-        "skipped_runs": skipped,
-    })
-    document["counts"].update({"dropped_nan": cleaned.dropped_nan, "dropped_nonpositive": cleaned.dropped_nonpositive,
-                               "skipped_runs": len(skipped)})
+    document.update(
+        {
+            "source": source,
+            "metric": options.metric if not options.points else "error",
+            "error_definition": _error_definition(options),
+            "epochs": options.epochs,
+            "bootstrap": {"replicates": options.bootstrap, "seed": options.seed, "resampled": "runs"},
+            "compute_convention": "C = 3 * forward_flops * n_train * epoch; 1 MAC = 1 FLOP",
+            "warnings": all_warnings,
+            "skipped_runs": skipped,
+        }
+    )
+    document["counts"].update(
+        {
+            "dropped_nan": cleaned.dropped_nan,
+            "dropped_nonpositive": cleaned.dropped_nonpositive,
+            "skipped_runs": len(skipped),
+        }
+    )
     for message in document["warnings"]:
         log.warning(message)
 
@@ -127,11 +160,22 @@ def run_scaling_fit(options: FitOptions) -> FitOutcome:
     points.to_parquet(out_dir / "points.parquet", index=False)
     error_label = f"error ({document['error_definition']})"
     plots.plot_compute(points, analysis.frontier, analysis.compute_fit, out_dir / "plots", error_label)
-    plots.plot_bottlenecks(analysis.params_points, analysis.params_fit, analysis.data_points, analysis.data_fit,
-                           out_dir / "plots", error_label)
-    plots.plot_allocation(analysis.allocation.frontier, analysis.allocation.params_line,
-                          analysis.allocation.data_line, _parametric_curves(analysis), out_dir / "plots",
-                          analysis.epoch_label)
+    plots.plot_bottlenecks(
+        analysis.params_points,
+        analysis.params_fit,
+        analysis.data_points,
+        analysis.data_fit,
+        out_dir / "plots",
+        error_label,
+    )
+    plots.plot_allocation(
+        analysis.allocation.frontier,
+        analysis.allocation.params_line,
+        analysis.allocation.data_line,
+        _parametric_curves(analysis),
+        out_dir / "plots",
+        analysis.epoch_label,
+    )
 
     run_id = None
     if options.log_mlflow:
@@ -142,10 +186,17 @@ def run_scaling_fit(options: FitOptions) -> FitOutcome:
             tags[TAG_SOURCE_EXPERIMENT] = ",".join(experiment_ids)
         if options.sweep:
             tags[TAG_SOURCE_SWEEP] = options.sweep
-        params = {"source": options.experiment or options.sweep or options.points, "metric": options.metric,
-                  "epochs": options.epochs, "bootstrap": options.bootstrap, "seed": options.seed,
-                  "allocation_epoch": options.allocation_epoch, "n_runs": document["counts"]["runs"],
-                  "n_points": document["counts"]["points"], "status": document["status"]}
+        params = {
+            "source": options.experiment or options.sweep or options.points,
+            "metric": options.metric,
+            "epochs": options.epochs,
+            "bootstrap": options.bootstrap,
+            "seed": options.seed,
+            "allocation_epoch": options.allocation_epoch,
+            "n_runs": document["counts"]["runs"],
+            "n_points": document["counts"]["points"],
+            "status": document["status"],
+        }
         if options.predict_compute is not None:
             params["predict_compute"] = options.predict_compute
         # the fit run sits beside its source runs unless told otherwise
@@ -153,13 +204,18 @@ def run_scaling_fit(options: FitOptions) -> FitOutcome:
         document["mlflow"] = {"experiment_id": target_id}
         _write_json(document, out_dir / "fit.json")
         run_id, experiment_id = log_fit_run(
-            tracking_uri=options.tracking_uri, experiment=options.fit_experiment, experiment_id=target_id,
+            tracking_uri=options.tracking_uri,
+            experiment=options.fit_experiment,
+            experiment_id=target_id,
             run_name=f"scaling-fit-{options.experiment or options.sweep or Path(options.points).stem}",
-            tags=tags, params=params, metrics=_metrics_for_mlflow(document), out_dir=out_dir)
+            tags=tags,
+            params=params,
+            metrics=_metrics_for_mlflow(document),
+            out_dir=out_dir,
+        )
         document["mlflow"] = {"run_id": run_id, "experiment_id": experiment_id}
     _write_json(document, out_dir / "fit.json")
-    log.info("fit written to %s (status %s)%s", out_dir, document["status"],
-             f", MLflow run {run_id}" if run_id else "")
+    log.info("fit written to %s (status %s)%s", out_dir, document["status"], f", MLflow run {run_id}" if run_id else "")
     return FitOutcome(out_dir, document, run_id, analysis)
 
 
@@ -172,8 +228,9 @@ def _error_definition(options: FitOptions) -> str:
 
 def _parametric_curves(analysis: Analysis) -> dict | None:
     """P*(C), N*(C) of the joint law for the allocation plot, at the runs' epoch count."""
-    from mlpscale.scaling import allocation as alloc
     import numpy as np
+
+    from mlpscale.scaling import allocation as alloc
 
     exponents = alloc.parametric_exponents(analysis.joint_fit)
     runs = analysis.allocation.runs
@@ -182,8 +239,8 @@ def _parametric_curves(analysis: Analysis) -> dict | None:
     k, epochs = alloc.flops_per_param(analysis.points), float(np.median(runs["epoch"]))
 
     def curve(column):
-        return lambda grid: np.array([alloc.parametric_optimum(analysis.joint_fit, c, k, epochs)[column]
-                                      for c in grid])
+        return lambda grid: np.array([alloc.parametric_optimum(analysis.joint_fit, c, k, epochs)[column] for c in grid])
+
     return {"num_params": curve("num_params"), "n_train": curve("n_train"), **exponents}
 
 
@@ -198,4 +255,5 @@ def _write_json(document: dict, path: Path) -> None:
         if hasattr(value, "item"):
             return clean(value.item())
         return value
+
     path.write_text(json.dumps(clean(document), indent=2))

@@ -55,8 +55,9 @@ def _law_label(name: str, fit: LawFit) -> str:
     return f"{name}: alpha={params['alpha']:.3g}, E_inf={params['e_inf']:.3g}"
 
 
-def plot_compute(points: pd.DataFrame, frontier: pd.DataFrame, fit: LawFit, out_dir: Path,
-                 error_label: str) -> list[Path]:
+def plot_compute(
+    points: pd.DataFrame, frontier: pd.DataFrame, fit: LawFit, out_dir: Path, error_label: str
+) -> list[Path]:
     """Figure 1/5: every run's epochs against compute, the frontier and the compute law."""
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     colours, markers = _size_colours(points["num_params"]), _marker_sizes(points["n_train"])
@@ -64,11 +65,24 @@ def plot_compute(points: pd.DataFrame, frontier: pd.DataFrame, fit: LawFit, out_
         run = run.sort_values("epoch")
         colour = colours[run["num_params"].iloc[0]]
         axis.plot(run["compute_flops"], run["error"], color=colour, alpha=0.5, lw=1)
-        axis.scatter(run["compute_flops"], run["error"], color=colour,
-                     s=[markers[n] for n in run["n_train"]], alpha=0.8, edgecolors="none")
+        axis.scatter(
+            run["compute_flops"],
+            run["error"],
+            color=colour,
+            s=[markers[n] for n in run["n_train"]],
+            alpha=0.8,
+            edgecolors="none",
+        )
     if not frontier.empty:
-        axis.scatter(frontier["compute_flops"], frontier["error"], facecolors="none", edgecolors="black",
-                     s=60, lw=0.8, label="compute-optimal frontier")
+        axis.scatter(
+            frontier["compute_flops"],
+            frontier["error"],
+            facecolors="none",
+            edgecolors="black",
+            s=60,
+            lw=0.8,
+            label="compute-optimal frontier",
+        )
     if fit.ok:
         grid = np.geomspace(points["compute_flops"].min(), points["compute_flops"].max() * 3, 200)
         axis.plot(grid, compute_law(grid, **fit.params), "k:", lw=1.5, label=_law_label("E(C)", fit))
@@ -81,12 +95,20 @@ def plot_compute(points: pd.DataFrame, frontier: pd.DataFrame, fit: LawFit, out_
     return _save(figure, out_dir, "compute")
 
 
-def plot_bottlenecks(params_points: pd.DataFrame, params_fit: LawFit, data_points: pd.DataFrame,
-                     data_fit: LawFit, out_dir: Path, error_label: str) -> list[Path]:
+def plot_bottlenecks(
+    params_points: pd.DataFrame,
+    params_fit: LawFit,
+    data_points: pd.DataFrame,
+    data_fit: LawFit,
+    out_dir: Path,
+    error_label: str,
+) -> list[Path]:
     """Figure 6: parameter-bottlenecked (left) and data-bottlenecked (right) error."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = ((axes[0], params_points, "num_params", params_fit, "parameters P", "E(P)"),
-              (axes[1], data_points, "n_train", data_fit, "examples N", "E(N)"))
+    panels = (
+        (axes[0], params_points, "num_params", params_fit, "parameters P", "E(P)"),
+        (axes[1], data_points, "n_train", data_fit, "examples N", "E(N)"),
+    )
     for axis, table, column, fit, label, name in panels:
         if not table.empty:
             axis.scatter(table[column], table["error"], color="tab:blue", zorder=3)
@@ -103,24 +125,35 @@ def plot_bottlenecks(params_points: pd.DataFrame, params_fit: LawFit, data_point
     return _save(figure, out_dir, "bottlenecks")
 
 
-def plot_allocation(frontier: pd.DataFrame, params_line: LawFit, data_line: LawFit,
-                    parametric: dict | None, out_dir: Path, epoch_label: str) -> list[Path]:
+def plot_allocation(
+    frontier: pd.DataFrame,
+    params_line: LawFit,
+    data_line: LawFit,
+    parametric: dict | None,
+    out_dir: Path,
+    epoch_label: str,
+) -> list[Path]:
     """Figure 7: optimal model size and number of examples against compute."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = ((axes[0], "num_params", params_line, "params_exponent", "optimal parameters P*"),
-              (axes[1], "n_train", data_line, "data_exponent", "optimal examples N*"))
+    panels = (
+        (axes[0], "num_params", params_line, "params_exponent", "optimal parameters P*"),
+        (axes[1], "n_train", data_line, "data_exponent", "optimal examples N*"),
+    )
     for axis, column, line, exponent_key, label in panels:
         if not frontier.empty:
-            axis.scatter(frontier["compute_flops"], frontier[column], color="tab:red", zorder=3,
-                         label="compute-optimal runs")
+            axis.scatter(
+                frontier["compute_flops"], frontier[column], color="tab:red", zorder=3, label="compute-optimal runs"
+            )
             grid = np.geomspace(frontier["compute_flops"].min(), frontier["compute_flops"].max() * 3, 100)
             if line.ok:
                 slope, intercept = line.params["slope"], line.params["intercept"]
-                axis.plot(grid, np.exp(intercept + slope * np.log(grid)), "k:", lw=1.5,
-                          label=f"frontier fit: C^{slope:.2f}")
+                axis.plot(
+                    grid, np.exp(intercept + slope * np.log(grid)), "k:", lw=1.5, label=f"frontier fit: C^{slope:.2f}"
+                )
             if parametric and parametric.get(column) is not None:
-                axis.plot(grid, parametric[column](grid), "g--", lw=1,
-                          label=f"parametric: C^{parametric[exponent_key]:.2f}")
+                axis.plot(
+                    grid, parametric[column](grid), "g--", lw=1, label=f"parametric: C^{parametric[exponent_key]:.2f}"
+                )
             axis.legend(fontsize=8)
         axis.set(xscale="log", yscale="log", xlabel=COMPUTE_LABEL, ylabel=label)
         axis.set_title(f"compute-optimal allocation ({epoch_label})", fontsize=9)

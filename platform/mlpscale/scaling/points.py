@@ -36,8 +36,9 @@ def read_points_file(path: str | Path) -> pd.DataFrame:
     """Read a points table from .csv or .parquet; MlpscaleError names a missing file, bad suffix or missing columns."""
     path = Path(path)
     if not path.exists():
-        raise MlpscaleError(f"--points {path}: no such file; give a CSV or Parquet file with columns "
-                            f"{', '.join(POINT_COLUMNS)}")
+        raise MlpscaleError(
+            f"--points {path}: no such file; give a CSV or Parquet file with columns {', '.join(POINT_COLUMNS)}"
+        )
     suffix = path.suffix.lower()
     if suffix == ".csv":
         table = pd.read_csv(path)
@@ -52,8 +53,9 @@ def validate_columns(table: pd.DataFrame, source: str = "points table") -> pd.Da
     """Check the required columns exist and are numeric; returns a copy with run_id as str."""
     missing = [c for c in POINT_COLUMNS if c not in table.columns]
     if missing:
-        raise MlpscaleError(f"{source}: missing column(s) {', '.join(missing)}; a points table needs "
-                            f"{', '.join(POINT_COLUMNS)}")
+        raise MlpscaleError(
+            f"{source}: missing column(s) {', '.join(missing)}; a points table needs {', '.join(POINT_COLUMNS)}"
+        )
     table = table.copy()
     table["run_id"] = table["run_id"].astype(str)
     for column in NUMERIC_COLUMNS:
@@ -61,8 +63,9 @@ def validate_columns(table: pd.DataFrame, source: str = "points table") -> pd.Da
         bad = converted.isna() & table[column].notna()
         if bad.any():
             example = table.loc[bad, column].iloc[0]
-            raise MlpscaleError(f"{source}: column {column!r} has non-numeric value {example!r}; "
-                                f"every value must be a number")
+            raise MlpscaleError(
+                f"{source}: column {column!r} has non-numeric value {example!r}; every value must be a number"
+            )
         table[column] = converted.astype(float)
     return table
 
@@ -73,7 +76,8 @@ def clean_points(table: pd.DataFrame, epochs: str = "all") -> CleanPoints:
         raise MlpscaleError(f"epochs={epochs!r} is not allowed; use one of {', '.join(EPOCH_MODES)}")
     table = validate_columns(table)
     nan_rows = table[list(NUMERIC_COLUMNS)].isna().any(axis=1) | ~np.isfinite(
-        table[list(NUMERIC_COLUMNS)].to_numpy(dtype=float)).all(axis=1)
+        table[list(NUMERIC_COLUMNS)].to_numpy(dtype=float)
+    ).all(axis=1)
     dropped_nan = int(nan_rows.sum())
     table = table[~nan_rows]
     nonpositive = (table[list(NUMERIC_COLUMNS)] <= 0).any(axis=1)
@@ -83,8 +87,10 @@ def clean_points(table: pd.DataFrame, epochs: str = "all") -> CleanPoints:
     if dropped_nan:
         result.warnings.append(f"dropped {dropped_nan} point(s) with NaN or infinite values")
     if dropped_nonpositive:
-        result.warnings.append(f"dropped {dropped_nonpositive} point(s) with a zero or negative value "
-                               f"(error, compute, params and data size must be > 0 for log-log fits)")
+        result.warnings.append(
+            f"dropped {dropped_nonpositive} point(s) with a zero or negative value "
+            f"(error, compute, params and data size must be > 0 for log-log fits)"
+        )
     if epochs == "final" and len(table):
         last = table.groupby("run_id")["epoch"].transform("max")
         table = table[table["epoch"] == last]

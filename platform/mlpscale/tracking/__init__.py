@@ -11,8 +11,9 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mlpscale.errors import MlpscaleError
 from mlpscale.paths import default_tracking_uri
@@ -26,15 +27,52 @@ TAG_FAILURE = "mlpscale.failure_reason"
 TAG_RAY_RUN = "mlpscale.ray_run_name"
 TAG_PARENT = "mlflow.parentRunId"
 
-EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
-                 "compute_flops", "throughput_img_s", "epoch_time_s")
-RECORD_PARAMS = ("arch", "depth", "width", "expansion", "num_params", "forward_flops", "dataset",
-                 "resolution", "n_train", "epochs", "batch_size", "lr", "optimizer", "weight_decay",
-                 "label_smoothing", "mixup_alpha", "seed")
+EPOCH_METRICS = (
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "compute_flops",
+    "throughput_img_s",
+    "epoch_time_s",
+)
+RECORD_PARAMS = (
+    "arch",
+    "depth",
+    "width",
+    "expansion",
+    "num_params",
+    "forward_flops",
+    "dataset",
+    "resolution",
+    "n_train",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "label_smoothing",
+    "mixup_alpha",
+    "seed",
+)
 # Config fields logged as params besides the run record's (job-specific, still useful in compare views).
-EXTRA_CONFIG_PARAMS = ("accumulation_steps", "momentum", "schedule", "warmup_epochs", "grad_clip", "dropout",
-                       "activation", "normalization", "crop_scale", "crop_ratio", "flip", "num_workers",
-                       "precision", "order")
+EXTRA_CONFIG_PARAMS = (
+    "accumulation_steps",
+    "momentum",
+    "schedule",
+    "warmup_epochs",
+    "grad_clip",
+    "dropout",
+    "activation",
+    "normalization",
+    "crop_scale",
+    "crop_ratio",
+    "flip",
+    "num_workers",
+    "precision",
+    "order",
+)
 
 
 def resolve_tracking_uri(uri: str | None = None, *, check: bool = True) -> str:
@@ -45,7 +83,7 @@ def resolve_tracking_uri(uri: str | None = None, *, check: bool = True) -> str:
     """
     uri = (uri or default_tracking_uri()).strip()
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).expanduser()
+        path = Path(uri[len("sqlite:///") :]).expanduser()
         if not path.is_absolute():
             path = Path.cwd() / path
         uri = f"sqlite:///{path.resolve()}"
@@ -53,17 +91,21 @@ def resolve_tracking_uri(uri: str | None = None, *, check: bool = True) -> str:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise MlpscaleError(f"MLflow store {uri} is not reachable: cannot create {path.parent} ({error}); "
-                                    "set MLFLOW_TRACKING_URI or --tracking-uri to a writable location") from None
+                raise MlpscaleError(
+                    f"MLflow store {uri} is not reachable: cannot create {path.parent} ({error}); "
+                    "set MLFLOW_TRACKING_URI or --tracking-uri to a writable location"
+                ) from None
             if not os.access(path.parent, os.W_OK):
-                raise MlpscaleError(f"MLflow store {uri} is not writable; "
-                                    "set MLFLOW_TRACKING_URI or --tracking-uri to a writable location")
+                raise MlpscaleError(
+                    f"MLflow store {uri} is not writable; "
+                    "set MLFLOW_TRACKING_URI or --tracking-uri to a writable location"
+                )
     elif uri.startswith(("http://", "https://")):
         uri = uri.rstrip("/")
         if check:
             _check_http(uri)
     elif uri.startswith("file:") or "://" not in uri:
-        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:")).expanduser()
+        path = Path(uri[len("file://") :] if uri.startswith("file://") else uri.removeprefix("file:")).expanduser()
         uri = path.resolve().as_uri()
     return uri
 
@@ -75,11 +117,15 @@ def _check_http(uri: str, timeout: float = 5.0) -> None:
                 raise OSError(f"HTTP {response.status}")
     except urllib.error.HTTPError as error:
         if error.code >= 500:
-            raise MlpscaleError(f"MLflow server {uri} is not healthy (HTTP {error.code}); "
-                                "start it with `make up` or set MLFLOW_TRACKING_URI") from None
+            raise MlpscaleError(
+                f"MLflow server {uri} is not healthy (HTTP {error.code}); "
+                "start it with `make up` or set MLFLOW_TRACKING_URI"
+            ) from None
     except (OSError, urllib.error.URLError) as error:
-        raise MlpscaleError(f"MLflow server {uri} is not reachable ({error}); "
-                            "start it with `make up` or set MLFLOW_TRACKING_URI to a reachable store") from None
+        raise MlpscaleError(
+            f"MLflow server {uri} is not reachable ({error}); "
+            "start it with `make up` or set MLFLOW_TRACKING_URI to a reachable store"
+        ) from None
 
 
 def client(uri: str | None = None):
@@ -97,7 +143,7 @@ def ensure_experiment(mlflow_client, name: str) -> str:
     artifact_location = None
     uri = mlflow_client.tracking_uri
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         artifact_location = (db.parent / "mlartifacts" / name).resolve().as_uri()
     try:
         return mlflow_client.create_experiment(name, artifact_location=artifact_location)
@@ -108,8 +154,14 @@ def ensure_experiment(mlflow_client, name: str) -> str:
         return experiment.experiment_id
 
 
-def start_run(uri: str, experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-              params: Mapping[str, Any] | None = None) -> tuple[str, str]:
+def start_run(
+    uri: str,
+    experiment: str,
+    *,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> tuple[str, str]:
     """Create a RUNNING run with tags and params; returns (run_id, experiment_id)."""
     mlflow_client = client(uri)
     experiment_id = ensure_experiment(mlflow_client, experiment)
@@ -125,7 +177,7 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, Any]) -> None:
 
     batch = [Param(str(k), json.dumps(v) if isinstance(v, (list, tuple)) else str(v)) for k, v in params.items()]
     for start in range(0, len(batch), 100):
-        mlflow_client.log_batch(run_id, params=batch[start:start + 100])
+        mlflow_client.log_batch(run_id, params=batch[start : start + 100])
 
 
 def _field(cfg: Any, name: str, default: Any = None) -> Any:
@@ -139,13 +191,17 @@ def run_record_params(cfg: Any, stats: Mapping[str, Any], meta: Mapping[str, Any
     n_train = _field(cfg, "n_train") or meta.get("counts", {}).get("train")
     resolution = _field(cfg, "resolution") or meta.get("resolution")
     params = {
-        "arch": _field(cfg, "arch"), "depth": stats.get("depth"), "width": stats.get("width"),
-        "expansion": stats.get("expansion", _field(cfg, "expansion")), "num_params": stats.get("num_params"),
-        "forward_flops": stats.get("forward_flops"), "dataset": _field(cfg, "dataset", meta.get("dataset")),
-        "resolution": resolution, "n_train": n_train,
+        "arch": _field(cfg, "arch"),
+        "depth": stats.get("depth"),
+        "width": stats.get("width"),
+        "expansion": stats.get("expansion", _field(cfg, "expansion")),
+        "num_params": stats.get("num_params"),
+        "forward_flops": stats.get("forward_flops"),
+        "dataset": _field(cfg, "dataset", meta.get("dataset")),
+        "resolution": resolution,
+        "n_train": n_train,
     }
-    for name in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing", "mixup_alpha",
-                 "seed"):
+    for name in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing", "mixup_alpha", "seed"):
         params[name] = _field(cfg, name)
     params["kind"] = stats.get("kind")
     params["num_classes"] = meta.get("num_classes")
@@ -209,8 +265,7 @@ def run_status(mlflow_client, run_id: str) -> str:
     return mlflow_client.get_run(run_id).info.status
 
 
-def log_model(uri: str, run_id: str, model, input_example, *, register: str | None = None,
-              name: str = "model") -> str:
+def log_model(uri: str, run_id: str, model, input_example, *, register: str | None = None, name: str = "model") -> str:
     """Log a torch model (PyTorch flavour, signature and input example) to the run; register it when asked.
 
     The run's status is left as it is: the caller ends the run once, when the job is done (a fluent
@@ -231,9 +286,16 @@ def log_model(uri: str, run_id: str, model, input_example, *, register: str | No
     mlflow.set_tracking_uri(uri)
     # the logged model is filed under the fluent experiment: the run's, not the default one
     mlflow.set_experiment(experiment_id=client(uri).get_run(run_id).info.experiment_id)
-    info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example,
-                                    registered_model_name=register, serialization_format="pickle",
-                                    pip_requirements=_model_requirements(), run_id=run_id)
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=example,
+        registered_model_name=register,
+        serialization_format="pickle",
+        pip_requirements=_model_requirements(),
+        run_id=run_id,
+    )
     return info.model_uri
 
 

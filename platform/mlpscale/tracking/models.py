@@ -16,9 +16,10 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -32,8 +33,16 @@ ALIAS = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 LOGGED_MODEL = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")
 CHECKPOINT_FILES = ("model.pt", "checkpoint.pt", "state.pt")
-ARCH_KEYS = ("arch", "resolution", "num_classes", "in_channels", "expansion", "activation", "normalization",
-             "final_norm")
+ARCH_KEYS = (
+    "arch",
+    "resolution",
+    "num_classes",
+    "in_channels",
+    "expansion",
+    "activation",
+    "normalization",
+    "final_norm",
+)
 
 
 @dataclass
@@ -59,8 +68,9 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> SourceModel:
     """Load the model a SOURCE names (see module docstring); MlpscaleError naming the source otherwise."""
     text = str(source or "").strip()
     if not text:
-        raise MlpscaleError("no source given; pass --source RUN_ID, models:/name/version, name@alias "
-                            "or a checkpoint directory")
+        raise MlpscaleError(
+            "no source given; pass --source RUN_ID, models:/name/version, name@alias or a checkpoint directory"
+        )
     path = Path(text).expanduser()
     if path.exists():
         return _from_checkpoint(path, text)
@@ -72,10 +82,14 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> SourceModel:
     if match := LOGGED_MODEL.match(text):
         return _from_logged_model(text, match["model_id"], uri)
     if "/" in text or text.startswith((".", "~")):
-        raise MlpscaleError(f"source {text!r}: no such checkpoint directory; pass an existing directory "
-                            "written by the pretrain job, a run id, models:/name/version or name@alias")
-    raise MlpscaleError(f"source {text!r} is neither a run id (32 hex digits), models:/name/version, name@alias "
-                        "nor an existing checkpoint directory")
+        raise MlpscaleError(
+            f"source {text!r}: no such checkpoint directory; pass an existing directory "
+            "written by the pretrain job, a run id, models:/name/version or name@alias"
+        )
+    raise MlpscaleError(
+        f"source {text!r} is neither a run id (32 hex digits), models:/name/version, name@alias "
+        "nor an existing checkpoint directory"
+    )
 
 
 def _get_run(mlflow_client, run_id: str, source: str):
@@ -84,8 +98,10 @@ def _get_run(mlflow_client, run_id: str, source: str):
     try:
         return mlflow_client.get_run(run_id)
     except MlflowException:
-        raise MlpscaleError(f"source {source!r}: run {run_id} does not exist in the MLflow store "
-                            f"{mlflow_client.tracking_uri}; check the run id or set --tracking-uri") from None
+        raise MlpscaleError(
+            f"source {source!r}: run {run_id} does not exist in the MLflow store "
+            f"{mlflow_client.tracking_uri}; check the run id or set --tracking-uri"
+        ) from None
 
 
 def _run_model_uri(mlflow_client, run, source: str) -> str:
@@ -94,12 +110,15 @@ def _run_model_uri(mlflow_client, run, source: str) -> str:
 
     run_id = run.info.run_id
     mlflow.set_tracking_uri(mlflow_client.tracking_uri)
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+    )
     if not models:
         job = run.data.tags.get(TAG_JOB, "unknown")
-        raise MlpscaleError(f"source {source!r}: run {run_id} (job {job}) has no logged model; pass a pretraining "
-                            "run that finished and logged its model, or its checkpoint directory")
+        raise MlpscaleError(
+            f"source {source!r}: run {run_id} (job {job}) has no logged model; pass a pretraining "
+            "run that finished and logged its model, or its checkpoint directory"
+        )
     named = [m for m in models if m.name == "model"] or models
     return f"models:/{named[0].model_id}"
 
@@ -123,10 +142,11 @@ def _from_registry(source: str, parts: Mapping[str, str], uri: str) -> SourceMod
         else:
             version = mlflow_client.get_model_version(name, parts["version"])
     except MlflowException:
-        raise MlpscaleError(f"source {source!r}: no such registered model version in {uri}; list them in the "
-                            "MLflow UI (Models tab) or register one with the pretrain job's --register") from None
-    model_uri = (f"models:/{name}@{parts['alias']}" if parts.get("alias")
-                 else f"models:/{name}/{parts['version']}")
+        raise MlpscaleError(
+            f"source {source!r}: no such registered model version in {uri}; list them in the "
+            "MLflow UI (Models tab) or register one with the pretrain job's --register"
+        ) from None
+    model_uri = f"models:/{name}@{parts['alias']}" if parts.get("alias") else f"models:/{name}/{parts['version']}"
     if version.run_id:
         return _from_run(source, version.run_id, uri, model_uri=model_uri)
     return _rebuild(_load(model_uri, uri, source), {}, source, model_uri=model_uri)
@@ -152,8 +172,10 @@ def _load(model_uri: str, uri: str, source: str) -> torch.nn.Module:
     try:
         return load_model(model_uri, uri)
     except (MlflowException, OSError) as error:
-        raise MlpscaleError(f"source {source!r}: cannot load model {model_uri} ({error}); "
-                            "pass a run or registered model whose model artifact exists") from None
+        raise MlpscaleError(
+            f"source {source!r}: cannot load model {model_uri} ({error}); "
+            "pass a run or registered model whose model artifact exists"
+        ) from None
 
 
 def _from_checkpoint(path: Path, source: str) -> SourceModel:
@@ -161,12 +183,17 @@ def _from_checkpoint(path: Path, source: str) -> SourceModel:
     import yaml
 
     folder = path if path.is_dir() else path.parent
-    weights = path if path.is_file() else next((folder / name for name in CHECKPOINT_FILES
-                                                if (folder / name).is_file()), None)
+    weights = (
+        path
+        if path.is_file()
+        else next((folder / name for name in CHECKPOINT_FILES if (folder / name).is_file()), None)
+    )
     if weights is None:
-        raise MlpscaleError(f"source {source!r}: the directory holds no model weights "
-                            f"(looked for {', '.join(CHECKPOINT_FILES)}); pass a checkpoint directory "
-                            "written by the pretrain job")
+        raise MlpscaleError(
+            f"source {source!r}: the directory holds no model weights "
+            f"(looked for {', '.join(CHECKPOINT_FILES)}); pass a checkpoint directory "
+            "written by the pretrain job"
+        )
     state = torch.load(weights, map_location="cpu", weights_only=False)
     config: dict[str, Any] = {}
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
@@ -184,8 +211,13 @@ def _from_checkpoint(path: Path, source: str) -> SourceModel:
     return _rebuild(state, config, source, run_id=config.get("run_id"))
 
 
-def _rebuild(loaded: torch.nn.Module | Mapping[str, torch.Tensor], params: Mapping[str, Any], source: str,
-             run_id: str | None = None, model_uri: str | None = None) -> SourceModel:
+def _rebuild(
+    loaded: torch.nn.Module | Mapping[str, torch.Tensor],
+    params: Mapping[str, Any],
+    source: str,
+    run_id: str | None = None,
+    model_uri: str | None = None,
+) -> SourceModel:
     """Build a fresh MLP from the architecture (params, else the module's own config) and load the weights."""
     from mlpscale.models import build_model
 
@@ -202,8 +234,10 @@ def _rebuild(loaded: torch.nn.Module | Mapping[str, torch.Tensor], params: Mappi
         side = math.isqrt(int(state["embed.weight"].shape[1]) // int(arch_config["in_channels"]))
         arch_config["resolution"] = side
     if "arch" not in arch_config or "resolution" not in arch_config:
-        raise MlpscaleError(f"source {source!r}: cannot tell the architecture (params arch and resolution "
-                            "missing); pass a pretraining run or a checkpoint with its config")
+        raise MlpscaleError(
+            f"source {source!r}: cannot tell the architecture (params arch and resolution "
+            "missing); pass a pretraining run or a checkpoint with its config"
+        )
     keywords = {key: arch_config[key] for key in ARCH_KEYS if key in arch_config and key != "arch"}
     keywords["resolution"] = int(keywords["resolution"])
     keywords["num_classes"] = int(keywords["num_classes"])
@@ -213,14 +247,28 @@ def _rebuild(loaded: torch.nn.Module | Mapping[str, torch.Tensor], params: Mappi
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise MlpscaleError(f"source {source!r}: weights do not fit {arch_config['arch']} at "
-                            f"{keywords['resolution']} px ({str(error).splitlines()[0]})") from None
-    log.info("source %s: %s at %d px, %d classes (run %s)", source, arch_config["arch"], keywords["resolution"],
-             keywords["num_classes"], run_id)
-    return SourceModel(model=model.eval(), arch=str(arch_config["arch"]), resolution=keywords["resolution"],
-                       source=source, run_id=run_id, model_uri=model_uri,
-                       dataset=_parse(params.get("dataset")) if params.get("dataset") else None,
-                       params=dict(params))
+        raise MlpscaleError(
+            f"source {source!r}: weights do not fit {arch_config['arch']} at "
+            f"{keywords['resolution']} px ({str(error).splitlines()[0]})"
+        ) from None
+    log.info(
+        "source %s: %s at %d px, %d classes (run %s)",
+        source,
+        arch_config["arch"],
+        keywords["resolution"],
+        keywords["num_classes"],
+        run_id,
+    )
+    return SourceModel(
+        model=model.eval(),
+        arch=str(arch_config["arch"]),
+        resolution=keywords["resolution"],
+        source=source,
+        run_id=run_id,
+        model_uri=model_uri,
+        dataset=_parse(params.get("dataset")) if params.get("dataset") else None,
+        params=dict(params),
+    )
 
 
 def _parse(value: Any) -> Any:

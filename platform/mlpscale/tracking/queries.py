@@ -10,15 +10,23 @@ Also logs the fit job's own run (mlpscale.job=scaling_fit).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 
 from mlpscale.errors import MlpscaleError
-from mlpscale.tracking import (TAG_JOB, TAG_PARENT, TAG_SWEEP_ID, client, ensure_experiment, log_params,
-                               resolve_tracking_uri)
+from mlpscale.tracking import (
+    TAG_JOB,
+    TAG_PARENT,
+    TAG_SWEEP_ID,
+    client,
+    ensure_experiment,
+    log_params,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +59,9 @@ def error_from_metric(metric: str, value: float) -> float:
 def _search_all(mlflow_client, experiment_ids: list[str], filter_string: str = "") -> list:
     runs, token = [], None
     while True:
-        page = mlflow_client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
-                                         page_token=token)
+        page = mlflow_client.search_runs(
+            experiment_ids, filter_string=filter_string, max_results=1000, page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -68,8 +77,10 @@ def _experiment_id(mlflow_client, experiment: str) -> str:
             found = None
     if found is None:
         names = sorted(e.name for e in mlflow_client.search_experiments())
-        raise MlpscaleError(f"--experiment {experiment!r}: no such experiment in {mlflow_client.tracking_uri}; "
-                            f"known experiments: {', '.join(names) or 'none'}")
+        raise MlpscaleError(
+            f"--experiment {experiment!r}: no such experiment in {mlflow_client.tracking_uri}; "
+            f"known experiments: {', '.join(names) or 'none'}"
+        )
     return found.experiment_id
 
 
@@ -82,16 +93,19 @@ def find_runs(mlflow_client, *, experiment: str | None = None, sweep: str | None
             for run in _search_all(mlflow_client, experiment_ids, filter_string):
                 by_id[run.info.run_id] = run
         if not by_id:
-            raise MlpscaleError(f"--sweep {sweep!r}: no runs carry tag {TAG_SWEEP_ID} or parent run id {sweep!r} "
-                                f"in {mlflow_client.tracking_uri}; give the sweep id printed by the tune job")
+            raise MlpscaleError(
+                f"--sweep {sweep!r}: no runs carry tag {TAG_SWEEP_ID} or parent run id {sweep!r} "
+                f"in {mlflow_client.tracking_uri}; give the sweep id printed by the tune job"
+            )
         runs = list(by_id.values())
         return runs, sorted({run.info.experiment_id for run in runs})
     experiment_id = _experiment_id(mlflow_client, experiment)
     return _search_all(mlflow_client, [experiment_id]), [experiment_id]
 
 
-def points_from_runs(mlflow_client, runs: Iterable, *, metric: str = "val_top1",
-                     jobs: Iterable[str] = DEFAULT_JOBS, epochs: str = "all") -> RunPoints:
+def points_from_runs(
+    mlflow_client, runs: Iterable, *, metric: str = "val_top1", jobs: Iterable[str] = DEFAULT_JOBS, epochs: str = "all"
+) -> RunPoints:
     """The points table of `runs` (those tagged with another job are ignored; untagged runs are read)."""
     jobs = tuple(jobs)
     rows, skipped, non_constant = [], [], []
@@ -111,7 +125,9 @@ def points_from_runs(mlflow_client, runs: Iterable, *, metric: str = "val_top1",
             num_params, n_train = float(params["num_params"]), float(params["n_train"])
             forward_flops = float(params["forward_flops"])
         except ValueError:
-            skipped.append({"run_id": run_id, "run_name": name, "reason": "non-numeric num_params/n_train/forward_flops"})
+            skipped.append(
+                {"run_id": run_id, "run_name": name, "reason": "non-numeric num_params/n_train/forward_flops"}
+            )
             continue
         history = mlflow_client.get_metric_history(run_id, metric)
         if not history:
@@ -122,28 +138,60 @@ def points_from_runs(mlflow_client, runs: Iterable, *, metric: str = "val_top1",
             non_constant.append(name)
         by_epoch = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
         for epoch, value in sorted(by_epoch.items()):
-            rows.append({
-                "run_id": run_id, "run_name": name, "arch": params.get("arch", ""), "num_params": num_params,
-                "forward_flops": forward_flops, "n_train": n_train, "epoch": float(epoch),
-                "compute_flops": compute.get(epoch, 3.0 * forward_flops * n_train * epoch),
-                "error": error_from_metric(metric, value),
-            })
-    result = RunPoints(pd.DataFrame(rows, columns=["run_id", "run_name", "arch", "num_params", "forward_flops",
-                                                   "n_train", "epoch", "compute_flops", "error"]),
-                       experiment_ids=[], skipped=skipped, runs_considered=considered)
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "run_name": name,
+                    "arch": params.get("arch", ""),
+                    "num_params": num_params,
+                    "forward_flops": forward_flops,
+                    "n_train": n_train,
+                    "epoch": float(epoch),
+                    "compute_flops": compute.get(epoch, 3.0 * forward_flops * n_train * epoch),
+                    "error": error_from_metric(metric, value),
+                }
+            )
+    result = RunPoints(
+        pd.DataFrame(
+            rows,
+            columns=[
+                "run_id",
+                "run_name",
+                "arch",
+                "num_params",
+                "forward_flops",
+                "n_train",
+                "epoch",
+                "compute_flops",
+                "error",
+            ],
+        ),
+        experiment_ids=[],
+        skipped=skipped,
+        runs_considered=considered,
+    )
     if skipped:
-        result.warnings.append(f"skipped {len(skipped)} run(s): " + "; ".join(
-            f"{s['run_name']} ({s['reason']})" for s in skipped))
+        result.warnings.append(
+            f"skipped {len(skipped)} run(s): " + "; ".join(f"{s['run_name']} ({s['reason']})" for s in skipped)
+        )
     if non_constant and epochs == "all":
         result.warnings.append(
             f"{len(non_constant)} run(s) used a non-constant learning-rate schedule ({', '.join(non_constant[:5])}"
             f"{', ...' if len(non_constant) > 5 else ''}): their intermediate epochs are not what a shorter run "
-            f"would reach; prefer --epochs final or train with schedule none")
+            f"would reach; prefer --epochs final or train with schedule none"
+        )
     return result
 
 
-def load_run_points(*, experiment: str | None = None, sweep: str | None = None, tracking_uri: str | None = None,
-                    metric: str = "val_top1", jobs: Iterable[str] = DEFAULT_JOBS, epochs: str = "all") -> RunPoints:
+def load_run_points(
+    *,
+    experiment: str | None = None,
+    sweep: str | None = None,
+    tracking_uri: str | None = None,
+    metric: str = "val_top1",
+    jobs: Iterable[str] = DEFAULT_JOBS,
+    epochs: str = "all",
+) -> RunPoints:
     """Read the points table of an experiment or a sweep from the MLflow store."""
     uri = resolve_tracking_uri(tracking_uri)
     mlflow_client = client(uri)
@@ -155,9 +203,17 @@ def load_run_points(*, experiment: str | None = None, sweep: str | None = None, 
     return result
 
 
-def log_fit_run(*, tracking_uri: str | None, experiment: str | None, experiment_id: str | None,
-                run_name: str, tags: Mapping[str, str], params: Mapping[str, Any], metrics: Mapping[str, float],
-                out_dir: Path) -> tuple[str, str]:
+def log_fit_run(
+    *,
+    tracking_uri: str | None,
+    experiment: str | None,
+    experiment_id: str | None,
+    run_name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    out_dir: Path,
+) -> tuple[str, str]:
     """Log the fit job's run: tags, params, the fitted numbers as metrics, out_dir as artifacts; (run_id, exp id)."""
     uri = resolve_tracking_uri(tracking_uri)
     mlflow_client = client(uri)

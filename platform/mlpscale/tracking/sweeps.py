@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from mlpscale.tracking import (
-    TAG_FAILURE, TAG_JOB, TAG_PARENT, TAG_SWEEP_ID, client, ensure_experiment, last_logged_epoch, log_params,
+    TAG_FAILURE,
+    TAG_JOB,
+    TAG_PARENT,
+    TAG_SWEEP_ID,
+    client,
+    ensure_experiment,
+    last_logged_epoch,
+    log_params,
 )
 
 log = logging.getLogger(__name__)
@@ -17,13 +25,15 @@ TAG_NODE_IDS = "mlpscale.node_ids"
 TAG_STOPPED = "mlpscale.stopped"
 
 
-def start_sweep_run(uri: str, experiment: str, sweep_id: str, *, run_name: str | None = None,
-                    params: Mapping[str, Any] | None = None) -> tuple[str, str]:
+def start_sweep_run(
+    uri: str, experiment: str, sweep_id: str, *, run_name: str | None = None, params: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
     """The sweep's parent run (tags mlpscale.job=sweep, mlpscale.sweep_id); returns (run_id, experiment_id)."""
     mlflow_client = client(uri)
     experiment_id = ensure_experiment(mlflow_client, experiment)
-    run = mlflow_client.create_run(experiment_id, run_name=run_name or sweep_id,
-                                   tags={TAG_JOB: "sweep", TAG_SWEEP_ID: sweep_id})
+    run = mlflow_client.create_run(
+        experiment_id, run_name=run_name or sweep_id, tags={TAG_JOB: "sweep", TAG_SWEEP_ID: sweep_id}
+    )
     if params:
         log_params(mlflow_client, run.info.run_id, params)
     return run.info.run_id, experiment_id
@@ -38,7 +48,9 @@ def find_sweep_run(uri: str, experiment: str, sweep_id: str) -> str | None:
     runs = mlflow_client.search_runs(
         [found.experiment_id],
         filter_string=f"tags.`{TAG_JOB}` = 'sweep' and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'",
-        order_by=["attributes.start_time ASC"], max_results=1)
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -46,8 +58,16 @@ def reopen_run(uri: str, run_id: str) -> None:
     client(uri).update_run(run_id, status="RUNNING")
 
 
-def start_trial_run(uri: str, experiment: str, *, parent_run_id: str, sweep_id: str, trial_id: str,
-                    run_name: str | None = None, extra_tags: Mapping[str, str] | None = None) -> str:
+def start_trial_run(
+    uri: str,
+    experiment: str,
+    *,
+    parent_run_id: str,
+    sweep_id: str,
+    trial_id: str,
+    run_name: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
     """A trial's child run (mlflow.parentRunId, mlpscale.job=trial, mlpscale.sweep_id, mlpscale.trial_id).
 
     A RUNNING child run left by an earlier attempt of the same trial (the driver was killed) ends as KILLED.
@@ -57,8 +77,9 @@ def start_trial_run(uri: str, experiment: str, *, parent_run_id: str, sweep_id: 
     for earlier in trial_runs(uri, parent_run_id, trial_id=trial_id):
         if earlier.info.status == "RUNNING":
             epoch = last_logged_epoch(mlflow_client, earlier.info.run_id)
-            mlflow_client.set_tag(earlier.info.run_id, TAG_STOPPED,
-                                  f"interrupted after epoch {epoch}; the trial restarted on resume")
+            mlflow_client.set_tag(
+                earlier.info.run_id, TAG_STOPPED, f"interrupted after epoch {epoch}; the trial restarted on resume"
+            )
             mlflow_client.set_terminated(earlier.info.run_id, status="KILLED")
     tags = {TAG_JOB: "trial", TAG_PARENT: parent_run_id, TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial_id}
     tags.update(extra_tags or {})
@@ -73,8 +94,11 @@ def trial_runs(uri: str, parent_run_id: str, *, trial_id: str | None = None) -> 
     query = f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
     if trial_id:
         query += f" and tags.`{TAG_TRIAL_ID}` = '{trial_id}'"
-    return list(mlflow_client.search_runs([parent.info.experiment_id], filter_string=query,
-                                          order_by=["attributes.start_time ASC"], max_results=10000))
+    return list(
+        mlflow_client.search_runs(
+            [parent.info.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=10000
+        )
+    )
 
 
 def record_placement_group(uri: str, run_id: str, placement_group_hex: str) -> None:
@@ -137,8 +161,18 @@ def trials_table(uri: str, parent_run_id: str, fields: list[str], metric: str, m
         row["epochs"] = int(run.data.params.get("epochs", 0) or 0)
         row["reason"] = run.data.tags.get(TAG_FAILURE) or run.data.tags.get(TAG_STOPPED) or ""
         rows.append(row)
-    columns = ["trial_id", "run_id", "status", *fields, "lr_trained", f"best_{metric}", f"last_{metric}", "epochs_run",
-               "epochs", "reason"]
+    columns = [
+        "trial_id",
+        "run_id",
+        "status",
+        *fields,
+        "lr_trained",
+        f"best_{metric}",
+        f"last_{metric}",
+        "epochs_run",
+        "epochs",
+        "reason",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -153,8 +187,9 @@ def _param_value(text: str | None) -> Any:
     return text
 
 
-def log_sweep_summary(uri: str, run_id: str, *, best: Mapping[str, Any] | None, files: Iterable,
-                      status: str = "FINISHED") -> None:
+def log_sweep_summary(
+    uri: str, run_id: str, *, best: Mapping[str, Any] | None, files: Iterable, status: str = "FINISHED"
+) -> None:
     """Upload the sweep's files (space, best config, table, plots), log the best trial, end the parent run."""
     mlflow_client = client(uri)
     for path, artifact_dir in files:
@@ -176,6 +211,7 @@ def run_config_artifact(uri: str, run_id: str) -> dict[str, Any]:
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp,
-                                                   tracking_uri=uri)
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="config.yaml", dst_path=tmp, tracking_uri=uri
+        )
         return yaml.safe_load(open(path).read())

@@ -28,20 +28,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda_device"])
 
 
-def save_state(directory: str | Path, *, model, optimizer, scheduler, epoch: int, run_id: str | None,
-               config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+def save_state(
+    directory: str | Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    epoch: int,
+    run_id: str | None,
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write state.pt into `directory` (the model's plain state_dict, no DDP/compile prefixes)."""
     path = Path(directory) / STATE_FILE
-    torch.save({
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": int(epoch),
-        "rng": rng_state(),
-        "mlflow_run_id": run_id,
-        "config": config,
-        **(extra or {}),
-    }, path)
+    torch.save(
+        {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": int(epoch),
+            "rng": rng_state(),
+            "mlflow_run_id": run_id,
+            "config": config,
+            **(extra or {}),
+        },
+        path,
+    )
     return path
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from mlpscale import tracking
 from mlpscale.train.spec import WorkerSpec
@@ -40,9 +40,17 @@ class Launched:
     model_uri: str | None = None
 
 
-def launch(spec: WorkerSpec, *, name: str, storage_path: str | Path, use_gpu: bool, max_failures: int,
-           failure: FailureWording, worker: Callable[[dict], dict] | None = None,
-           callbacks: Sequence = ()) -> Launched:
+def launch(
+    spec: WorkerSpec,
+    *,
+    name: str,
+    storage_path: str | Path,
+    use_gpu: bool,
+    max_failures: int,
+    failure: FailureWording,
+    worker: Callable[[dict], dict] | None = None,
+    callbacks: Sequence = (),
+) -> Launched:
     """Train `spec` as the Ray Train run `name` under `storage_path` (continued when it exists there).
 
     `worker` defaults to the pretraining loop; Tune trials pass their own wrapper of it and their
@@ -57,13 +65,18 @@ def launch(spec: WorkerSpec, *, name: str, storage_path: str | Path, use_gpu: bo
     trainer = TorchTrainer(
         worker or loop.train_loop_per_worker,
         train_loop_config=spec.loop_config(),
-        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": spec.cpus_per_worker or 1,
-                                                           **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=str(storage_path),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.cfg.keep_checkpoints),
-                             callbacks=list(callbacks)),
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": spec.cpus_per_worker or 1, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.cfg.keep_checkpoints),
+            callbacks=list(callbacks),
+        ),
     )
     try:
         result = trainer.fit()
@@ -83,9 +96,15 @@ def launch(spec: WorkerSpec, *, name: str, storage_path: str | Path, use_gpu: bo
     model_uri = None
     if checkpoint_path:
         model = restore_model(spec, checkpoint_path)
-        model_uri = log_final_model(model, resolution=spec.resolution, tracking_uri=spec.tracking_uri,
-                                    run_id=spec.run_id, example=_example_images(spec),
-                                    log_model=spec.cfg.log_model, register=spec.cfg.register)
+        model_uri = log_final_model(
+            model,
+            resolution=spec.resolution,
+            tracking_uri=spec.tracking_uri,
+            run_id=spec.run_id,
+            example=_example_images(spec),
+            log_model=spec.cfg.log_model,
+            register=spec.cfg.register,
+        )
     tracking.finish_run(mlflow_client, spec.run_id)
     return Launched(metrics, checkpoint_path, model_uri)
 
@@ -96,8 +115,15 @@ def restore_model(spec: WorkerSpec, checkpoint_path: str):
     from mlpscale.train.checkpoint import load_state
 
     cfg = spec.cfg
-    model = build_model(cfg.arch, resolution=spec.resolution, num_classes=spec.num_classes, expansion=cfg.expansion,
-                        activation=cfg.activation, normalization=cfg.normalization, dropout=cfg.dropout)
+    model = build_model(
+        cfg.arch,
+        resolution=spec.resolution,
+        num_classes=spec.num_classes,
+        expansion=cfg.expansion,
+        activation=cfg.activation,
+        normalization=cfg.normalization,
+        dropout=cfg.dropout,
+    )
     model.load_state_dict(load_state(checkpoint_path)["model"])
     return model
 
@@ -109,8 +135,16 @@ def _example_images(spec: WorkerSpec):
     return np.random.default_rng(spec.cfg.seed).standard_normal(shape).astype(np.float32)
 
 
-def log_final_model(model, *, resolution: int, tracking_uri: str, run_id: str, example, log_model: bool = True,
-                    register: str | None = None) -> str | None:
+def log_final_model(
+    model,
+    *,
+    resolution: int,
+    tracking_uri: str,
+    run_id: str,
+    example,
+    log_model: bool = True,
+    register: str | None = None,
+) -> str | None:
     """The end of a training run: the first-layer weights picture (plots/), then, unless `log_model` is off,
     the model (PyTorch flavour, signature and `example` input; registered as `register` when given).
     Returns the model URI, None when no model was logged."""

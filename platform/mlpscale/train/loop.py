@@ -56,9 +56,15 @@ def suggest_accumulation(spec: WorkerSpec, device: torch.device, precision: str)
     while total and steps <= per_worker:
         if per_worker % steps == 0:
             estimate = estimate_training_memory(
-                cfg.arch, resolution=spec.resolution, num_classes=spec.num_classes,
-                batch_size=micro_batch(cfg, spec.workers, accumulation_steps=steps), optimizer=cfg.optimizer,
-                precision=precision, expansion=cfg.expansion, normalization=cfg.normalization)
+                cfg.arch,
+                resolution=spec.resolution,
+                num_classes=spec.num_classes,
+                batch_size=micro_batch(cfg, spec.workers, accumulation_steps=steps),
+                optimizer=cfg.optimizer,
+                precision=precision,
+                expansion=cfg.expansion,
+                normalization=cfg.normalization,
+            )
             if estimate["total"] < 0.8 * total:
                 break
         steps *= 2
@@ -85,22 +91,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + rank)
 
     # On the device before the optimizer exists: its state (moments) is loaded onto its parameters' device.
-    model = build_model(cfg.arch, resolution=spec.resolution, num_classes=spec.num_classes,
-                        expansion=cfg.expansion, activation=cfg.activation,
-                        normalization=cfg.normalization, dropout=cfg.dropout).to(device)
+    model = build_model(
+        cfg.arch,
+        resolution=spec.resolution,
+        num_classes=spec.num_classes,
+        expansion=cfg.expansion,
+        activation=cfg.activation,
+        normalization=cfg.normalization,
+        dropout=cfg.dropout,
+    ).to(device)
     micro = spec.micro_batch
     threads = cfg.loader_workers or default_threads(device, spec.cpus_per_worker)
-    loader_args = dict(resolution=spec.resolution, mean=list(spec.mean), std=list(spec.std), device=device,
-                       num_workers=threads, distributed=world > 1)
-    train_data = train_loader(spec.train_path, batch_size=micro, scale=tuple(cfg.crop_scale),
-                              ratio=tuple(cfg.crop_ratio), flip=cfg.flip, mixup_alpha=cfg.mixup_alpha,
-                              seed=cfg.seed, order=cfg.order, drop_last=True, **loader_args)
+    loader_args = dict(
+        resolution=spec.resolution,
+        mean=list(spec.mean),
+        std=list(spec.std),
+        device=device,
+        num_workers=threads,
+        distributed=world > 1,
+    )
+    train_data = train_loader(
+        spec.train_path,
+        batch_size=micro,
+        scale=tuple(cfg.crop_scale),
+        ratio=tuple(cfg.crop_ratio),
+        flip=cfg.flip,
+        mixup_alpha=cfg.mixup_alpha,
+        seed=cfg.seed,
+        order=cfg.order,
+        drop_last=True,
+        **loader_args,
+    )
     val_data = eval_loader(spec.test_path, batch_size=max(micro, 256), **loader_args)
     steps_per_epoch = max(1, len(train_data) // cfg.accumulation_steps)
-    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                momentum=cfg.momentum)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=steps_per_epoch * cfg.epochs,
-                                warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)))
+    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.schedule,
+        total_steps=steps_per_epoch * cfg.epochs,
+        warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+    )
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -131,21 +161,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if hasattr(train_data, "set_epoch"):
             train_data.set_epoch(epoch)
         try:
-            trained = train_epoch(train_model, train_data, optimizer, scheduler, device=device, precision=precision,
-                                  label_smoothing=cfg.label_smoothing, accumulation_steps=cfg.accumulation_steps,
-                                  grad_clip=cfg.grad_clip)
+            trained = train_epoch(
+                train_model,
+                train_data,
+                optimizer,
+                scheduler,
+                device=device,
+                precision=precision,
+                label_smoothing=cfg.label_smoothing,
+                accumulation_steps=cfg.accumulation_steps,
+                grad_clip=cfg.grad_clip,
+            )
         except NonFiniteLoss as error:
             reason = f"non-finite training loss in epoch {epoch}: {error}; lower lr (now {cfg.lr}) or set grad_clip"
             return _stop(reason, "nonfinite", mlflow_client, run_id, rank)
         except torch.cuda.OutOfMemoryError as error:
-            reason = (f"out of GPU memory with micro-batch {micro} for {cfg.arch}; "
-                      + suggest_accumulation(spec, device, precision))
+            reason = f"out of GPU memory with micro-batch {micro} for {cfg.arch}; " + suggest_accumulation(
+                spec, device, precision
+            )
             if world > 1:  # the other ranks wait for this one in a collective: Ray Train must stop the group
                 raise MlpscaleError(reason) from error
             return _stop(reason, "oom", mlflow_client, run_id, rank)
         evaluation = evaluate(model, val_data, device=device, precision=precision)
-        metrics = {**trained.metrics(), **evaluation.metrics,
-                   "compute_flops": float(training_compute(spec.forward_flops, spec.n_train, epoch))}
+        metrics = {
+            **trained.metrics(),
+            **evaluation.metrics,
+            "compute_flops": float(training_compute(spec.forward_flops, spec.n_train, epoch)),
+        }
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
         metrics = {key: metrics[key] for key in tracking.EPOCH_METRICS}
         if mlflow_client is not None and epoch > last_logged:
@@ -162,8 +204,15 @@ def _report(metrics, epoch, model, optimizer, scheduler, cfg: PretrainConfig, ru
     save = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
     if rank == 0 and save:
         with tempfile.TemporaryDirectory() as directory:
-            save_state(directory, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                       run_id=run_id, config=cfg.to_dict())
+            save_state(
+                directory,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch,
+                run_id=run_id,
+                config=cfg.to_dict(),
+            )
             ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(directory))
     else:
         ray.train.report(payload)

@@ -54,11 +54,15 @@ def check_data(cfg: PretrainConfig) -> DataSpec:
     directory = dataset_dir(cfg.dataset, resolution, cfg.data_dir)
     meta = load_meta(directory)
     if meta.get("resolution") not in (None, resolution):
-        raise MlpscaleError(f"{directory} holds {meta.get('dataset')} at resolution {meta.get('resolution')}, "
-                            f"not {resolution}; pass --resolution {meta.get('resolution')} or convert again")
+        raise MlpscaleError(
+            f"{directory} holds {meta.get('dataset')} at resolution {meta.get('resolution')}, "
+            f"not {resolution}; pass --resolution {meta.get('resolution')} or convert again"
+        )
     if meta.get("dataset") not in (None, cfg.dataset):
-        raise MlpscaleError(f"{directory} holds dataset {meta.get('dataset')!r}, not {cfg.dataset!r}; "
-                            f"pass --dataset {meta.get('dataset')} or convert {cfg.dataset} again")
+        raise MlpscaleError(
+            f"{directory} holds dataset {meta.get('dataset')!r}, not {cfg.dataset!r}; "
+            f"pass --dataset {meta.get('dataset')} or convert {cfg.dataset} again"
+        )
     train_path = split_path(cfg.dataset, resolution, "train", cfg.n_train, cfg.data_dir)
     test_path = split_path(cfg.dataset, resolution, "test", None, cfg.data_dir)
     for path in (train_path, test_path):
@@ -66,14 +70,18 @@ def check_data(cfg: PretrainConfig) -> DataSpec:
             subset = f" --n-train {cfg.n_train}" if (cfg.n_train and path == train_path) else ""
             raise MlpscaleError(
                 f"missing {path}; create it with `python jobs/prepare_data.py {cfg.dataset} --resolution "
-                f"{resolution}{subset} --data-dir {directory.parent.parent}`")
+                f"{resolution}{subset} --data-dir {directory.parent.parent}`"
+            )
     n_train = cfg.n_train or int(meta["counts"]["train"])
     if cfg.n_train and cfg.n_train > int(meta["counts"]["train"]):
-        raise MlpscaleError(f"n_train={cfg.n_train} exceeds the {meta['counts']['train']} training examples of "
-                            f"{cfg.dataset}")
+        raise MlpscaleError(
+            f"n_train={cfg.n_train} exceeds the {meta['counts']['train']} training examples of {cfg.dataset}"
+        )
     if cfg.batch_size > n_train:
-        raise MlpscaleError(f"batch_size={cfg.batch_size} is larger than the {n_train} training examples; "
-                            f"pass --batch-size {_largest_power_of_two(n_train)} or less")
+        raise MlpscaleError(
+            f"batch_size={cfg.batch_size} is larger than the {n_train} training examples; "
+            f"pass --batch-size {_largest_power_of_two(n_train)} or less"
+        )
     return DataSpec(directory, train_path, test_path, meta, resolution, n_train)
 
 
@@ -84,8 +92,13 @@ def _largest_power_of_two(n: int) -> int:
 def model_summary(cfg: PretrainConfig, data: DataSpec) -> dict[str, Any]:
     from mlpscale.models import model_stats
 
-    return model_stats(cfg.arch, resolution=data.resolution, num_classes=int(data.meta["num_classes"]),
-                       expansion=cfg.expansion, normalization=cfg.normalization)
+    return model_stats(
+        cfg.arch,
+        resolution=data.resolution,
+        num_classes=int(data.meta["num_classes"]),
+        expansion=cfg.expansion,
+        normalization=cfg.normalization,
+    )
 
 
 def dry_run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -108,10 +121,16 @@ def dry_run(cfg: PretrainConfig) -> dict[str, Any]:
         device_name = f"cuda ({torch.cuda.get_device_name(0)})" if use_gpu else "cpu"
         device_memory = _device_memory(device)
     micro = micro_batch(cfg)
-    memory = estimate_training_memory(cfg.arch, resolution=data.resolution,
-                                      num_classes=int(data.meta["num_classes"]), batch_size=micro,
-                                      optimizer=cfg.optimizer, precision=precision, expansion=cfg.expansion,
-                                      normalization=cfg.normalization)
+    memory = estimate_training_memory(
+        cfg.arch,
+        resolution=data.resolution,
+        num_classes=int(data.meta["num_classes"]),
+        batch_size=micro,
+        optimizer=cfg.optimizer,
+        precision=precision,
+        expansion=cfg.expansion,
+        normalization=cfg.normalization,
+    )
     per_epoch = training_compute(stats["forward_flops"], data.n_train, 1)
     return {
         "params": tracking.run_record_params(cfg, stats, data.meta),
@@ -165,8 +184,13 @@ def _cpus_per_worker(cfg: PretrainConfig, use_gpu: bool) -> int:
     return cpus_per_gpu_worker(available, cfg.num_workers) if use_gpu else max(1, available // cfg.num_workers)
 
 
-def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, extra_tags: dict[str, str] | None = None,
-                    extra_params: dict[str, Any] | None = None) -> PretrainResult:
+def run_pretraining(
+    cfg: PretrainConfig,
+    *,
+    resume: bool = False,
+    extra_tags: dict[str, str] | None = None,
+    extra_params: dict[str, Any] | None = None,
+) -> PretrainResult:
     """Train `cfg` as a Ray Train job tracked in one MLflow run; MlpscaleError for user errors and failures."""
     validate(cfg)
     data = check_data(cfg)
@@ -185,26 +209,45 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, extra_tags: di
 
     ensure_ray()
     use_gpu = _use_gpu(cfg)
-    spec = worker_spec(cfg, data, stats, workers=cfg.num_workers, run_id=run_id, tracking_uri=uri,
-                       cpus_per_worker=_cpus_per_worker(cfg, use_gpu))
+    spec = worker_spec(
+        cfg,
+        data,
+        stats,
+        workers=cfg.num_workers,
+        run_id=run_id,
+        tracking_uri=uri,
+        cpus_per_worker=_cpus_per_worker(cfg, use_gpu),
+    )
     failure = FailureWording(
         crashed="training failed",
-        crash_error=lambda reason: MlpscaleError(f"{reason}; MLflow run {run_id} marked FAILED; fix the cause and "
-                                                 f"continue with --resume --run-name {name}"),
-        stop_error=lambda reason: MlpscaleError(f"{reason}; MLflow run {run_id} marked FAILED, checkpoints kept in "
-                                                f"{run_dir}"))
-    launched = launch(spec, name=name, storage_path=storage, use_gpu=use_gpu, max_failures=cfg.max_failures,
-                      failure=failure)
+        crash_error=lambda reason: MlpscaleError(
+            f"{reason}; MLflow run {run_id} marked FAILED; fix the cause and continue with --resume --run-name {name}"
+        ),
+        stop_error=lambda reason: MlpscaleError(
+            f"{reason}; MLflow run {run_id} marked FAILED, checkpoints kept in {run_dir}"
+        ),
+    )
+    launched = launch(
+        spec, name=name, storage_path=storage, use_gpu=use_gpu, max_failures=cfg.max_failures, failure=failure
+    )
     return PretrainResult(run_id, experiment_id, launched.metrics, launched.checkpoint_path, launched.model_uri)
 
 
-def _start_run(cfg: PretrainConfig, data: DataSpec, stats: dict[str, Any], uri: str, name: str,
-               extra_tags: dict[str, str] | None, extra_params: dict[str, Any] | None) -> tuple[str, str]:
+def _start_run(
+    cfg: PretrainConfig,
+    data: DataSpec,
+    stats: dict[str, Any],
+    uri: str,
+    name: str,
+    extra_tags: dict[str, str] | None,
+    extra_params: dict[str, Any] | None,
+) -> tuple[str, str]:
     """A new RUNNING pretrain run with the run record's tags and params, config.yaml and meta.json."""
     tags = {tracking.TAG_JOB: "pretrain", tracking.TAG_RAY_RUN: name, **(extra_tags or {})}
     params = {**tracking.run_record_params(cfg, stats, data.meta), **(extra_params or {})}
-    run_id, experiment_id = tracking.start_run(uri, cfg.experiment, run_name=cfg.run_name or name, tags=tags,
-                                               params=params)
+    run_id, experiment_id = tracking.start_run(
+        uri, cfg.experiment, run_name=cfg.run_name or name, tags=tags, params=params
+    )
     mlflow_client = tracking.client(uri)
     tracking.log_dict_artifact(mlflow_client, run_id, cfg.to_dict(), "config.yaml")
     tracking.log_dict_artifact(mlflow_client, run_id, data.meta, "meta.json")

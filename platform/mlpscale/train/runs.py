@@ -30,8 +30,10 @@ def storage_root(cfg: PretrainConfig) -> Path:
     Only local paths and shared mounts are supported: every node of a cluster must see the same path.
     """
     if cfg.storage_path and "://" in cfg.storage_path:
-        raise MlpscaleError(f"storage_path={cfg.storage_path!r}: URIs are not supported yet; use a path that "
-                            "every node reaches (a shared mount such as /mnt/shared/ray_results)")
+        raise MlpscaleError(
+            f"storage_path={cfg.storage_path!r}: URIs are not supported yet; use a path that "
+            "every node reaches (a shared mount such as /mnt/shared/ray_results)"
+        )
     return Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else repo_root() / "ray_results"
 
 
@@ -61,23 +63,28 @@ def has_checkpoint(run_dir: Path) -> bool:
 def refuse_taken_name(run_dir: Path) -> None:
     """A fresh run must not reuse the name of one that exists (its run file or a checkpoint)."""
     if (run_dir / RUN_FILE).is_file() or has_checkpoint(run_dir):
-        raise MlpscaleError(f"run name {run_dir.name!r} already exists under {run_dir.parent}; pass --resume to "
-                            "continue it or choose another --run-name")
+        raise MlpscaleError(
+            f"run name {run_dir.name!r} already exists under {run_dir.parent}; pass --resume to "
+            "continue it or choose another --run-name"
+        )
 
 
 def record_run(run_dir: Path, *, run_id: str, tracking_uri: str, experiment_id: str) -> None:
     """Write the run file that `--resume` reads back."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri,
-                                                "experiment_id": experiment_id}))
+    (run_dir / RUN_FILE).write_text(
+        json.dumps({"run_id": run_id, "tracking_uri": tracking_uri, "experiment_id": experiment_id})
+    )
 
 
 def reopen_run(mlflow_client, run_dir: Path) -> tuple[str, str]:
     """The (run id, experiment id) the run file names, reopened as RUNNING without a failure reason."""
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
-        raise MlpscaleError(f"nothing to resume for run name {run_dir.name!r}: no {RUN_FILE} under {run_dir}; "
-                            "pass the --run-name (and --storage-path) of an interrupted run")
+        raise MlpscaleError(
+            f"nothing to resume for run name {run_dir.name!r}: no {RUN_FILE} under {run_dir}; "
+            "pass the --run-name (and --storage-path) of an interrupted run"
+        )
     run_id = json.loads(run_file.read_text())["run_id"]
     run = mlflow_client.get_run(run_id)
     tracking.mark_running(mlflow_client, run_id)

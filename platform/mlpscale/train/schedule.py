@@ -21,10 +21,11 @@ def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int =
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, *, total_steps: int,
-                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, *, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     if schedule not in SCHEDULES:
         raise MlpscaleError(f"schedule={schedule!r} is not allowed; choose one of: {', '.join(SCHEDULES)}")
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, schedule=schedule, total_steps=total_steps,
-                                          warmup_steps=warmup_steps))
+        optimizer, lambda step: lr_factor(step, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps)
+    )

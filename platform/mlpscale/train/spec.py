@@ -6,8 +6,9 @@ environment or working directory, get the answers in one frozen `WorkerSpec` (Ra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from mlpscale.config import PretrainConfig
 
@@ -59,12 +60,29 @@ class WorkerSpec:
         return config[_LOOP_CONFIG_KEY]
 
 
-def worker_spec(cfg: PretrainConfig, data: DataSpec, stats: Mapping[str, Any], *, workers: int,
-                run_id: str | None, tracking_uri: str | None, cpus_per_worker: int | None = None) -> WorkerSpec:
+def worker_spec(
+    cfg: PretrainConfig,
+    data: DataSpec,
+    stats: Mapping[str, Any],
+    *,
+    workers: int,
+    run_id: str | None,
+    tracking_uri: str | None,
+    cpus_per_worker: int | None = None,
+) -> WorkerSpec:
     """The spec of a run from its config, its checked data (`check_data`) and its model stats (`model_summary`)."""
     return WorkerSpec(
-        cfg=cfg, train_path=str(data.train_path), test_path=str(data.test_path),
-        mean=tuple(float(v) for v in data.meta["mean"]), std=tuple(float(v) for v in data.meta["std"]),
-        num_classes=int(data.meta["num_classes"]), resolution=data.resolution, n_train=data.n_train,
-        forward_flops=int(stats["forward_flops"]), workers=workers, run_id=run_id, tracking_uri=tracking_uri,
-        cpus_per_worker=cpus_per_worker)
+        cfg=cfg,
+        train_path=str(data.train_path),
+        test_path=str(data.test_path),
+        mean=tuple(float(v) for v in data.meta["mean"]),
+        std=tuple(float(v) for v in data.meta["std"]),
+        num_classes=int(data.meta["num_classes"]),
+        resolution=data.resolution,
+        n_train=data.n_train,
+        forward_flops=int(stats["forward_flops"]),
+        workers=workers,
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        cpus_per_worker=cpus_per_worker,
+    )

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -62,10 +62,19 @@ class Evaluation:
     labels: torch.Tensor | None = None
 
 
-def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler, *,
-                device: torch.device, precision: str = "fp32", label_smoothing: float = 0.0,
-                accumulation_steps: int = 1, grad_clip: float = 0.0,
-                forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochResult:
+def train_epoch(
+    model: torch.nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    label_smoothing: float = 0.0,
+    accumulation_steps: int = 1,
+    grad_clip: float = 0.0,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> EpochResult:
     """One pass over `batches` training `model` (put in train mode); `forward(images) -> logits` defaults to it.
 
     A linear probe passes its head as `model` and, when its images change every epoch, a forward that
@@ -81,11 +90,10 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.opti
     for index, batch in enumerate(batches):
         last_micro = (index + 1) % accumulation_steps == 0
         sync = getattr(model, "no_sync", None)
-        with (sync() if (sync is not None and not last_micro) else contextlib.nullcontext()):
+        with sync() if (sync is not None and not last_micro) else contextlib.nullcontext():
             with autocast(device, precision):
                 logits = forward(batch.images)
-                loss = mixup_cross_entropy(logits.float(), batch.labels, batch.labels_mixed, batch.lam,
-                                           label_smoothing)
+                loss = mixup_cross_entropy(logits.float(), batch.labels, batch.labels_mixed, batch.lam, label_smoothing)
             for hook in LOSS_HOOKS:
                 loss = hook(loss)
             (loss / accumulation_steps).backward()
@@ -111,12 +119,20 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.opti
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     loss_sum, correct, count = _all_reduce(sums).tolist()
-    return EpochResult(loss=loss_sum / max(count, 1.0), top1=correct / max(count, 1.0), examples=int(count),
-                       seconds=elapsed)
+    return EpochResult(
+        loss=loss_sum / max(count, 1.0), top1=correct / max(count, 1.0), examples=int(count), seconds=elapsed
+    )
 
 
-def evaluate(model: torch.nn.Module, batches: Iterable, *, device: torch.device | None = None,
-             precision: str = "fp32", keep_logits: bool = False, prefix: str = "val") -> Evaluation:
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable,
+    *,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+    keep_logits: bool = False,
+    prefix: str = "val",
+) -> Evaluation:
     """`<prefix>_loss`, `_top1`, `_top5` of `model` (put in eval mode) on every example of `batches`, all ranks.
 
     `device` defaults to the model's. With `keep_logits` the logits and labels come back too (an empty

@@ -48,36 +48,57 @@ def stored_resolutions(dataset: str, root: str | None = None) -> list[int]:
 
 def pick_resolution(dataset: str, model_resolution: int, stored: list[int], requested: int | None = None) -> int:
     """The stored resolution to read (see module docstring); MlpscaleError when none maps."""
-    convert = (f"`python jobs/prepare_data.py {dataset} --resolution {model_resolution}`")
+    convert = f"`python jobs/prepare_data.py {dataset} --resolution {model_resolution}`"
     if requested is not None:
         if requested not in stored:
-            raise MlpscaleError(f"data_resolution={requested}: {dataset} is not converted at {requested} px "
-                                f"(stored: {stored or 'none'}); convert it with "
-                                f"`python jobs/prepare_data.py {dataset} --resolution {requested}`")
+            raise MlpscaleError(
+                f"data_resolution={requested}: {dataset} is not converted at {requested} px "
+                f"(stored: {stored or 'none'}); convert it with "
+                f"`python jobs/prepare_data.py {dataset} --resolution {requested}`"
+            )
         return requested
     if not stored:
-        raise MlpscaleError(f"dataset {dataset!r} is not converted in {data_dir()} or the given --data-dir; "
-                            f"convert it first with {convert}")
+        raise MlpscaleError(
+            f"dataset {dataset!r} is not converted in {data_dir()} or the given --data-dir; "
+            f"convert it first with {convert}"
+        )
     if model_resolution in stored:
         return model_resolution
     below = [r for r in stored if r < model_resolution]
     if not below:
-        raise MlpscaleError(f"cannot map {dataset} (stored at {', '.join(map(str, stored))} px) to the source "
-                            f"model's {model_resolution} px input: only upscaling is done; convert it with {convert}")
+        raise MlpscaleError(
+            f"cannot map {dataset} (stored at {', '.join(map(str, stored))} px) to the source "
+            f"model's {model_resolution} px input: only upscaling is done; convert it with {convert}"
+        )
     return below[-1]
 
 
-def downstream_data(dataset: str, model_resolution: int, *, root: str | None = None,
-                    data_resolution: int | None = None, n_train: int | None = None) -> DownstreamData:
+def downstream_data(
+    dataset: str,
+    model_resolution: int,
+    *,
+    root: str | None = None,
+    data_resolution: int | None = None,
+    n_train: int | None = None,
+) -> DownstreamData:
     """Locate the splits and meta.json of the downstream dataset for a model taking `model_resolution` px."""
     stored = pick_resolution(dataset, model_resolution, stored_resolutions(dataset, root), data_resolution)
     directory = dataset_dir(dataset, stored, root)
     meta = load_meta(directory)
     train_path = split_path(dataset, stored, "train", n_train, root)
     if not train_path.is_file():
-        raise MlpscaleError(f"{train_path} does not exist; add the subset with "
-                            f"`python jobs/prepare_data.py {dataset} --resolution {stored} --n-train {n_train}`")
+        raise MlpscaleError(
+            f"{train_path} does not exist; add the subset with "
+            f"`python jobs/prepare_data.py {dataset} --resolution {stored} --n-train {n_train}`"
+        )
     test_path = split_path(dataset, stored, "test", None, root)
-    return DownstreamData(dataset=dataset, directory=directory, stored_resolution=stored,
-                          resolution=int(model_resolution), meta=meta, train_path=train_path,
-                          test_path=test_path, n_train=int(n_train or meta["counts"]["train"]))
+    return DownstreamData(
+        dataset=dataset,
+        directory=directory,
+        stored_resolution=stored,
+        resolution=int(model_resolution),
+        meta=meta,
+        train_path=train_path,
+        test_path=test_path,
+        n_train=int(n_train or meta["counts"]["train"]),
+    )

@@ -16,8 +16,9 @@ from mlpscale.train.steps import evaluate
 
 
 @torch.no_grad()
-def tta_logits(model: torch.nn.Module, loader, crops: int, *, device: torch.device | None = None,
-               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def tta_logits(
+    model: torch.nn.Module, loader, crops: int, *, device: torch.device | None = None, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Average the logits of `crops` passes of a tta_loader (pass k = its epoch k); returns (logits, labels)."""
     if crops < 1:
         raise MlpscaleError(f"tta={crops} must be at least 1 crop per test image (0 turns TTA off)")

@@ -6,7 +6,7 @@ so the probe trains on cached (N, width) features instead of re-running the MLP 
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -15,8 +15,9 @@ from mlpscale.train.precision import autocast
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, batches: Iterable, *, device: torch.device, precision: str = "fp32"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    model: torch.nn.Module, batches: Iterable, *, device: torch.device, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32, labels) of every example, on the batches' device, in their order."""
     model.eval()
     features, labels = [], []
@@ -31,8 +32,9 @@ class FeatureBatches:
     """Mini-batches of cached features as `Batch`es (the features in `images`, no MixUp), reshuffled each epoch
     from (seed, epoch) unless `shuffle` is off; the last batch may be short."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int = 0, shuffle: bool = True
+    ):
         self.features, self.labels = features, labels
         self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), shuffle
         self.epoch = 0
@@ -56,5 +58,5 @@ class FeatureBatches:
             order = torch.arange(count, device=self.labels.device)
         self.epoch += 1
         for start in range(0, count, self.batch_size):
-            index = order[start:start + self.batch_size]
+            index = order[start : start + self.batch_size]
             yield Batch(self.features.index_select(0, index), self.labels.index_select(0, index), None, 1.0)

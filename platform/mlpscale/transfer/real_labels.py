@@ -8,8 +8,8 @@ A prediction is correct when it is in the image's list.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -24,22 +24,32 @@ def load_real_labels(path: str | Path, num_images: int, num_classes: int | None 
     try:
         labels = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MlpscaleError(f"ReaL labels file {path} is not valid JSON ({error}); it must be a list of lists of "
-                            "class indices, one per validation image") from None
+        raise MlpscaleError(
+            f"ReaL labels file {path} is not valid JSON ({error}); it must be a list of lists of "
+            "class indices, one per validation image"
+        ) from None
     if not isinstance(labels, list) or not all(isinstance(entry, list) for entry in labels):
-        raise MlpscaleError(f"ReaL labels file {path} must be a JSON list of lists of class indices, "
-                            "one list per validation image")
+        raise MlpscaleError(
+            f"ReaL labels file {path} must be a JSON list of lists of class indices, one list per validation image"
+        )
     if len(labels) != num_images:
-        raise MlpscaleError(f"ReaL labels file {path} has {len(labels)} entries but the validation set has "
-                            f"{num_images} images; use the file made for this validation set (one entry per image, "
-                            "in file-name order)")
+        raise MlpscaleError(
+            f"ReaL labels file {path} has {len(labels)} entries but the validation set has "
+            f"{num_images} images; use the file made for this validation set (one entry per image, "
+            "in file-name order)"
+        )
     for index, entry in enumerate(labels):
         for label in entry:
-            if not isinstance(label, int) or isinstance(label, bool) or label < 0 or (
-                    num_classes is not None and label >= num_classes):
+            if (
+                not isinstance(label, int)
+                or isinstance(label, bool)
+                or label < 0
+                or (num_classes is not None and label >= num_classes)
+            ):
                 limit = f" in [0, {num_classes})" if num_classes is not None else ""
-                raise MlpscaleError(f"ReaL labels file {path}: entry {index} holds {label!r}; "
-                                    f"labels must be class indices{limit}")
+                raise MlpscaleError(
+                    f"ReaL labels file {path}: entry {index} holds {label!r}; labels must be class indices{limit}"
+                )
     return labels
 
 
@@ -47,8 +57,10 @@ def real_top1(predictions: torch.Tensor | Sequence[int], labels: list[list[int]]
     """Fraction of the labelled images whose predicted class is among their acceptable ones."""
     predictions = torch.as_tensor(predictions).tolist()
     if len(predictions) != len(labels):
-        raise MlpscaleError(f"{len(predictions)} predictions for {len(labels)} ReaL entries; "
-                            "evaluate the whole validation set in its stored order")
+        raise MlpscaleError(
+            f"{len(predictions)} predictions for {len(labels)} ReaL entries; "
+            "evaluate the whole validation set in its stored order"
+        )
     scored = [(prediction in entry) for prediction, entry in zip(predictions, labels) if entry]
     if not scored:
         raise MlpscaleError("the ReaL labels file leaves every image out (all lists are empty)")

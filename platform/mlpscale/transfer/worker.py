@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -99,23 +99,36 @@ class TransferTrainer:
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(model, data.num_classes, cfg.mode).to(self.device)
         spec = model.config
-        stats = model_stats(spec["arch"], resolution=data.resolution, num_classes=data.num_classes,
-                            in_channels=spec.get("in_channels", 3), expansion=spec.get("expansion", 4),
-                            normalization=spec.get("normalization", "layer"))
+        stats = model_stats(
+            spec["arch"],
+            resolution=data.resolution,
+            num_classes=data.num_classes,
+            in_channels=spec.get("in_channels", 3),
+            expansion=spec.get("expansion", 4),
+            normalization=spec.get("normalization", "layer"),
+        )
         self.forward_flops = int(stats["forward_flops"])
         self.head_flops = int(self.model.head.in_features * self.model.head.out_features)
         self.stats = stats
         self.cached = cfg.mode == "linear" and not cfg.augment
         mean, std = data.meta["mean"], data.meta["std"]
-        common = dict(resolution=data.resolution, mean=mean, std=std, device=self.device,
-                      num_workers=cfg.loader_workers)
+        common = dict(
+            resolution=data.resolution, mean=mean, std=std, device=self.device, num_workers=cfg.loader_workers
+        )
         self.test_loader = eval_loader(data.test_path, batch_size=cfg.batch_size, **common)
         if self.cached:
             self.train_batches = eval_loader(data.train_path, batch_size=cfg.batch_size, **common)
         else:
             self.train_batches = train_loader(
-                data.train_path, batch_size=min(cfg.batch_size, data.n_train), scale=cfg.crop_scale,
-                ratio=cfg.crop_ratio, flip=cfg.flip, mixup_alpha=cfg.mixup_alpha, seed=cfg.seed, **common)
+                data.train_path,
+                batch_size=min(cfg.batch_size, data.n_train),
+                scale=cfg.crop_scale,
+                ratio=cfg.crop_ratio,
+                flip=cfg.flip,
+                mixup_alpha=cfg.mixup_alpha,
+                seed=cfg.seed,
+                **common,
+            )
         self.optimizer = build_transfer_optimizer(self.model, cfg)
         steps = len(self.train_batches) if not self.cached else -(-data.n_train // cfg.batch_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, total_steps=steps * cfg.epochs)
@@ -126,10 +139,12 @@ class TransferTrainer:
         if cfg.mode == "linear":
             self.model.eval()  # the frozen body stays in eval mode; only the head trains
         if self.cached:
-            train_features, train_labels = extract_features(self.model, self.train_batches, device=self.device,
-                                                            precision=self.precision)
-            test_features, test_labels = extract_features(self.model, self.test_loader, device=self.device,
-                                                          precision=self.precision)
+            train_features, train_labels = extract_features(
+                self.model, self.train_batches, device=self.device, precision=self.precision
+            )
+            test_features, test_labels = extract_features(
+                self.model, self.test_loader, device=self.device, precision=self.precision
+            )
             train_batches = FeatureBatches(train_features, train_labels, batch_size=cfg.batch_size, seed=cfg.seed)
             test_batches = FeatureBatches(test_features, test_labels, batch_size=cfg.batch_size, shuffle=False)
             compute += (self.forward_flops - self.head_flops) * len(train_labels)
@@ -145,22 +160,36 @@ class TransferTrainer:
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
             try:
-                trained_epoch = train_epoch(trained, train_batches, self.optimizer, self.scheduler, device=self.device,
-                                            precision=self.precision, label_smoothing=cfg.label_smoothing,
-                                            forward=forward)
+                trained_epoch = train_epoch(
+                    trained,
+                    train_batches,
+                    self.optimizer,
+                    self.scheduler,
+                    device=self.device,
+                    precision=self.precision,
+                    label_smoothing=cfg.label_smoothing,
+                    forward=forward,
+                )
             except NonFiniteLoss as error:
-                raise MlpscaleError(f"non-finite training loss in epoch {epoch}: {error}; lower lr_head (now "
-                                    f"{cfg.lr_head}) or lr_body (now {cfg.lr_body})") from None
+                raise MlpscaleError(
+                    f"non-finite training loss in epoch {epoch}: {error}; lower lr_head (now "
+                    f"{cfg.lr_head}) or lr_body (now {cfg.lr_body})"
+                ) from None
             if trained_epoch.examples == 0:
                 raise MlpscaleError("the training split yielded no batch; lower batch_size")
             compute += per_example * trained_epoch.examples
-            evaluation = evaluate(evaluated, test_batches, device=self.device, precision=self.precision,
-                                  keep_logits=True)
-            metrics = {"train_loss": trained_epoch.loss, "train_top1": trained_epoch.top1, **evaluation.metrics,
-                       "compute_flops": float(compute), "throughput_img_s": trained_epoch.throughput_img_s,
-                       "epoch_time_s": time.perf_counter() - start}
-            log.info("epoch %d/%d: %s", epoch, cfg.epochs,
-                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            evaluation = evaluate(
+                evaluated, test_batches, device=self.device, precision=self.precision, keep_logits=True
+            )
+            metrics = {
+                "train_loss": trained_epoch.loss,
+                "train_top1": trained_epoch.top1,
+                **evaluation.metrics,
+                "compute_flops": float(compute),
+                "throughput_img_s": trained_epoch.throughput_img_s,
+                "epoch_time_s": time.perf_counter() - start,
+            }
+            log.info("epoch %d/%d: %s", epoch, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
         return TransferOutcome(self.model, metrics, evaluation.logits, evaluation.labels, self.device, self.precision)

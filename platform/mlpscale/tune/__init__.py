@@ -1,1 +1,2 @@
-"""Hyperparameter sweeps: search-space files, one Ray Train run per Tune trial, Optuna's TPE, MLflow parent/child runs."""
+"""Hyperparameter sweeps: search-space files, one Ray Train run per Tune trial, Optuna's TPE, MLflow parent and
+child runs."""

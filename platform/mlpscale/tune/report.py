@@ -46,12 +46,16 @@ def summary(result: SweepResult) -> str:
     if result.best_config_path is not None:
         best_value = result.best[f"best_{result.metric}"]
         lines.append(f"best trial {result.best['best_trial_id']}: {result.metric}={best_value:.4f}")
-        lines.append(f"best config: {result.best_config_path}  (train it with: python jobs/pretrain.py --config "
-                     f"{result.best_config_path})")
+        lines.append(
+            f"best config: {result.best_config_path}  (train it with: python jobs/pretrain.py --config "
+            f"{result.best_config_path})"
+        )
     else:
         lines.append("no trial finished: no best config")
-    lines.append(f"MLflow parent run: {result.parent_run_id} (experiment {result.experiment}); "
-                 f"Tune experiment: {result.experiment_dir}")
+    lines.append(
+        f"MLflow parent run: {result.parent_run_id} (experiment {result.experiment}); "
+        f"Tune experiment: {result.experiment_dir}"
+    )
     return "\n".join(lines)
 
 

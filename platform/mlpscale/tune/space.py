@@ -29,10 +29,22 @@ from mlpscale.errors import MlpscaleError
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
 VALUE_DISTRIBUTIONS = ("choice", "grid")
 # Fields a sweep must not vary: they say where results go or how the job runs, not what is trained.
-NOT_SEARCHABLE = frozenset({
-    "experiment", "run_name", "tracking_uri", "register", "data_dir", "num_workers",
-    "checkpoint_every", "keep_checkpoints", "storage_path", "max_failures", "use_gpu", "log_model",
-})
+NOT_SEARCHABLE = frozenset(
+    {
+        "experiment",
+        "run_name",
+        "tracking_uri",
+        "register",
+        "data_dir",
+        "num_workers",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "storage_path",
+        "max_failures",
+        "use_gpu",
+        "log_model",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -93,8 +105,10 @@ def load_space(path: str | Path, field_types: dict[str, Any] | None = None) -> S
     path = Path(path)
     if not path.is_file():
         shipped = sorted(p.name for p in (Path(__file__).resolve().parents[3] / "search_spaces").glob("*.yaml"))
-        raise MlpscaleError(f"search space file {str(path)!r} does not exist; pass an existing YAML file "
-                            f"(shipped: {', '.join('search_spaces/' + s for s in shipped) or 'none'})")
+        raise MlpscaleError(
+            f"search space file {str(path)!r} does not exist; pass an existing YAML file "
+            f"(shipped: {', '.join('search_spaces/' + s for s in shipped) or 'none'})"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -102,16 +116,22 @@ def load_space(path: str | Path, field_types: dict[str, Any] | None = None) -> S
     return parse_space(raw, field_types=field_types, source=str(path))
 
 
-def parse_space(raw: Any, field_types: dict[str, Any] | None = None, source: str = "<inline>",
-                choices: dict[str, tuple] | None = None) -> SearchSpace:
+def parse_space(
+    raw: Any,
+    field_types: dict[str, Any] | None = None,
+    source: str = "<inline>",
+    choices: dict[str, tuple] | None = None,
+) -> SearchSpace:
     """Validate a space given as a mapping {field: {distribution: ..., ...}}.
 
     `field_types` and `choices` default to the pretrain config's fields and enumerations.
     """
     where = f"search space {source}"
     if not isinstance(raw, dict) or not raw:
-        raise MlpscaleError(f"{where} must be a non-empty mapping of pretrain config fields to "
-                            f"{{distribution: ..., low/high or values}}; got {type(raw).__name__}")
+        raise MlpscaleError(
+            f"{where} must be a non-empty mapping of pretrain config fields to "
+            f"{{distribution: ..., low/high or values}}; got {type(raw).__name__}"
+        )
     types = field_types if field_types is not None else pretrain_field_types()
     if choices is None:
         choices = dict(CHOICES) if field_types is None else {}
@@ -121,26 +141,35 @@ def parse_space(raw: Any, field_types: dict[str, Any] | None = None, source: str
         if allowed is not None:
             bad = [v for v in (p.values or ()) if v not in allowed]
             if p.values is None or bad:
-                raise MlpscaleError(f"{where}: entry {p.field!r} may only take {', '.join(map(str, allowed))}; "
-                                    f"got {bad or p.distribution!r}; use choice or grid with those values")
+                raise MlpscaleError(
+                    f"{where}: entry {p.field!r} may only take {', '.join(map(str, allowed))}; "
+                    f"got {bad or p.distribution!r}; use choice or grid with those values"
+                )
     return SearchSpace(params=params, source=source)
 
 
 def _parse_entry(name: str, entry: Any, types: dict[str, Any], where: str) -> ParamSpec:
     label = f"{where}: entry {name!r}"
     if name not in types:
-        raise MlpscaleError(f"{label} is not a pretrain config field; searchable fields: "
-                            f"{', '.join(sorted(f for f in types if f not in NOT_SEARCHABLE))}")
+        raise MlpscaleError(
+            f"{label} is not a pretrain config field; searchable fields: "
+            f"{', '.join(sorted(f for f in types if f not in NOT_SEARCHABLE))}"
+        )
     if name in NOT_SEARCHABLE:
-        raise MlpscaleError(f"{label} cannot be searched (it says where results go or how the job runs); "
-                            f"set it as a pretrain option instead")
+        raise MlpscaleError(
+            f"{label} cannot be searched (it says where results go or how the job runs); "
+            f"set it as a pretrain option instead"
+        )
     if not isinstance(entry, dict):
-        raise MlpscaleError(f"{label} must be a mapping like {{distribution: loguniform, low: 1e-5, high: 1e-3}}; "
-                            f"got {entry!r}")
+        raise MlpscaleError(
+            f"{label} must be a mapping like {{distribution: loguniform, low: 1e-5, high: 1e-3}}; got {entry!r}"
+        )
     allowed_keys = {"distribution", "low", "high", "values", "log"}
     unknown = sorted(set(entry) - allowed_keys)
     if unknown:
-        raise MlpscaleError(f"{label} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed_keys))}")
+        raise MlpscaleError(
+            f"{label} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed_keys))}"
+        )
     distribution = entry.get("distribution")
     if distribution not in DISTRIBUTIONS:
         raise MlpscaleError(f"{label} has unknown distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
@@ -152,8 +181,10 @@ def _parse_entry(name: str, entry: Any, types: dict[str, Any], where: str) -> Pa
 
 def _parse_values(name: str, entry: dict, distribution: str, kind: Any, label: str) -> ParamSpec:
     if "low" in entry or "high" in entry or "log" in entry:
-        raise MlpscaleError(f"{label}: distribution {distribution!r} takes 'values', not low/high/log; "
-                            f"use loguniform/uniform/int for a range")
+        raise MlpscaleError(
+            f"{label}: distribution {distribution!r} takes 'values', not low/high/log; "
+            f"use loguniform/uniform/int for a range"
+        )
     values = entry.get("values")
     if not isinstance(values, list) or not values:
         raise MlpscaleError(f"{label}: distribution {distribution!r} needs a non-empty list 'values'; got {values!r}")
@@ -165,17 +196,23 @@ def _parse_values(name: str, entry: dict, distribution: str, kind: Any, label: s
 
 def _parse_range(name: str, entry: dict, distribution: str, kind: Any, label: str) -> ParamSpec:
     if "values" in entry:
-        raise MlpscaleError(f"{label}: 'values' is only for choice or grid; distribution {distribution!r} "
-                            f"takes low and high")
+        raise MlpscaleError(
+            f"{label}: 'values' is only for choice or grid; distribution {distribution!r} takes low and high"
+        )
     if kind not in (int, float):
-        raise MlpscaleError(f"{label}: field {name!r} is of type {getattr(kind, '__name__', kind)}, "
-                            f"not numeric; use distribution choice with a list of values")
+        raise MlpscaleError(
+            f"{label}: field {name!r} is of type {getattr(kind, '__name__', kind)}, "
+            f"not numeric; use distribution choice with a list of values"
+        )
     if distribution == "int" and kind is not int:
-        raise MlpscaleError(f"{label}: distribution 'int' needs an integer field but {name!r} is a float; "
-                            f"use uniform or loguniform")
+        raise MlpscaleError(
+            f"{label}: distribution 'int' needs an integer field but {name!r} is a float; use uniform or loguniform"
+        )
     if distribution != "int" and kind is int:
-        raise MlpscaleError(f"{label}: field {name!r} is an integer; use distribution 'int' (with log: true "
-                            f"for a log scale) or 'choice'")
+        raise MlpscaleError(
+            f"{label}: field {name!r} is an integer; use distribution 'int' (with log: true "
+            f"for a log scale) or 'choice'"
+        )
     low, high = entry.get("low"), entry.get("high")
     for bound, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -263,5 +300,7 @@ def check_against_config(space: SearchSpace, base) -> None:
             try:
                 validate(apply(base, {p.field: value}))
             except MlpscaleError as error:
-                raise MlpscaleError(f"search space {space.source}: entry {p.field!r} reaches {value!r}, "
-                                    f"which the pretrain config rejects: {error}") from None
+                raise MlpscaleError(
+                    f"search space {space.source}: entry {p.field!r} reaches {value!r}, "
+                    f"which the pretrain config rejects: {error}"
+                ) from None

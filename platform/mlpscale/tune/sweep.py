@@ -62,8 +62,9 @@ class SweepOptions:
         if self.mode not in MODES:
             raise MlpscaleError(f"--mode {self.mode!r} is not known; use max or min")
         if self.metric not in tracking.EPOCH_METRICS:
-            raise MlpscaleError(f"--metric {self.metric!r} is not reported per epoch; use one of "
-                                f"{', '.join(tracking.EPOCH_METRICS)}")
+            raise MlpscaleError(
+                f"--metric {self.metric!r} is not reported per epoch; use one of {', '.join(tracking.EPOCH_METRICS)}"
+            )
         if self.lr_scaling not in LR_SCALINGS:
             raise MlpscaleError(f"--lr-scaling {self.lr_scaling!r} is not known; use one of {', '.join(LR_SCALINGS)}")
         for key in ("num_samples", "grace_period"):
@@ -127,18 +128,27 @@ def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = Fal
         sweep_id = options.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment_dir = storage_root(options) / sweep_id
         if (experiment_dir / SWEEP_FILE).exists():
-            raise MlpscaleError(f"sweep {sweep_id!r} already exists in {experiment_dir.parent}; pass --resume to "
-                                f"continue it or choose another --name")
-        parent_run_id, _ = sweeps.start_sweep_run(uri, base.experiment, sweep_id,
-                                                  params=_sweep_params(options, space, max_concurrent))
+            raise MlpscaleError(
+                f"sweep {sweep_id!r} already exists in {experiment_dir.parent}; pass --resume to "
+                f"continue it or choose another --name"
+            )
+        parent_run_id, _ = sweeps.start_sweep_run(
+            uri, base.experiment, sweep_id, params=_sweep_params(options, space, max_concurrent)
+        )
         experiment_dir.mkdir(parents=True, exist_ok=True)
         space_copy = experiment_dir / "search_space.yaml"
         space_copy.write_text(Path(options.space).read_text())
         tracking.log_file_artifact(tracking.client(uri), parent_run_id, space_copy)
         tracking.log_dict_artifact(tracking.client(uri), parent_run_id, base.to_dict(), "base_config.yaml")
-        state = {"sweep_id": sweep_id, "parent_run_id": parent_run_id, "tracking_uri": uri,
-                 "base_config": base.to_dict(), "options": dataclasses.asdict(options),
-                 "space": space.to_dict(), "space_file": str(options.space)}
+        state = {
+            "sweep_id": sweep_id,
+            "parent_run_id": parent_run_id,
+            "tracking_uri": uri,
+            "base_config": base.to_dict(),
+            "options": dataclasses.asdict(options),
+            "space": space.to_dict(),
+            "space_file": str(options.space),
+        }
         (experiment_dir / SWEEP_FILE).write_text(json.dumps(state, indent=2))
     else:
         sweep_id, parent_run_id = state["sweep_id"], state["parent_run_id"]
@@ -147,10 +157,18 @@ def run_sweep(base: PretrainConfig, options: SweepOptions, *, resume: bool = Fal
     log.info("sweep %s: MLflow parent run %s, experiment dir %s", sweep_id, parent_run_id, experiment_dir)
 
     context = SweepContext(
-        sweep_id=sweep_id, parent_run_id=parent_run_id, tracking_uri=uri, experiment=base.experiment,
-        base_config=base, train_storage=str(experiment_dir / "train"), lr_scaling=options.lr_scaling,
-        base_batch_size=options.base_batch_size or base.batch_size, cpus_per_worker=cpus_per_worker,
-        use_gpu=bool(use_gpu), trial_retries=options.trial_retries)
+        sweep_id=sweep_id,
+        parent_run_id=parent_run_id,
+        tracking_uri=uri,
+        experiment=base.experiment,
+        base_config=base,
+        train_storage=str(experiment_dir / "train"),
+        lr_scaling=options.lr_scaling,
+        base_batch_size=options.base_batch_size or base.batch_size,
+        cpus_per_worker=cpus_per_worker,
+        use_gpu=bool(use_gpu),
+        trial_retries=options.trial_retries,
+    )
     for value in _sample_extremes(space):
         trial_config(context, value)  # every sampled value must give a valid config
     results = _fit(context, space, options, experiment_dir, max_concurrent, resume)
@@ -178,12 +196,24 @@ def _concurrency(options: SweepOptions, use_gpu: bool) -> tuple[int, int]:
 
 def _sweep_params(options: SweepOptions, space: SearchSpace, max_concurrent: int) -> dict[str, Any]:
     searcher = "random+grid (BasicVariantGenerator)" if space.has_grid else "optuna TPE (OptunaSearch)"
-    return {"search_space_file": options.space, "searcher": searcher, "searcher_seed": options.seed,
-            "scheduler": options.scheduler, "metric": options.metric, "mode": options.mode,
-            "num_samples": options.num_samples, "max_concurrent": max_concurrent,
-            "lr_scaling": options.lr_scaling, "trial_retries": options.trial_retries, "searched_fields": ",".join(space.fields),
-            **({"asha_grace_period": options.grace_period, "asha_reduction_factor": options.reduction_factor}
-               if options.scheduler == "asha" else {})}
+    return {
+        "search_space_file": options.space,
+        "searcher": searcher,
+        "searcher_seed": options.seed,
+        "scheduler": options.scheduler,
+        "metric": options.metric,
+        "mode": options.mode,
+        "num_samples": options.num_samples,
+        "max_concurrent": max_concurrent,
+        "lr_scaling": options.lr_scaling,
+        "trial_retries": options.trial_retries,
+        "searched_fields": ",".join(space.fields),
+        **(
+            {"asha_grace_period": options.grace_period, "asha_reduction_factor": options.reduction_factor}
+            if options.scheduler == "asha"
+            else {}
+        ),
+    }
 
 
 def _sample_extremes(space: SearchSpace) -> list[dict[str, Any]]:
@@ -208,8 +238,9 @@ def _searcher(space: SearchSpace, options: SweepOptions, max_concurrent: int):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(metric=options.metric, mode=options.mode,
-                            sampler=optuna.samplers.TPESampler(seed=options.seed))
+    searcher = OptunaSearch(
+        metric=options.metric, mode=options.mode, sampler=optuna.samplers.TPESampler(seed=options.seed)
+    )
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
@@ -221,9 +252,13 @@ def _scheduler(options: SweepOptions, epochs: int):
     from ray.tune.schedulers import ASHAScheduler
 
     last_rung = max(1, epochs - 1)
-    return ASHAScheduler(time_attr="training_iteration", max_t=last_rung,
-                         grace_period=min(options.grace_period, last_rung),
-                         reduction_factor=options.reduction_factor, stop_last_trials=False)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=last_rung,
+        grace_period=min(options.grace_period, last_rung),
+        reduction_factor=options.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def _placement_group_cleanup(context: SweepContext):
@@ -252,8 +287,14 @@ def _trainable(context: SweepContext):
     return tune.with_resources(tune.with_parameters(run_trial, context=context), {"memory": 1})
 
 
-def _fit(context: SweepContext, space: SearchSpace, options: SweepOptions, experiment_dir: Path,
-         max_concurrent: int, resume: bool):
+def _fit(
+    context: SweepContext,
+    space: SearchSpace,
+    options: SweepOptions,
+    experiment_dir: Path,
+    max_concurrent: int,
+    resume: bool,
+):
     from ray import tune
 
     from mlpscale.tune.space import to_tune_space
@@ -261,21 +302,33 @@ def _fit(context: SweepContext, space: SearchSpace, options: SweepOptions, exper
     trainable = _trainable(context)
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         log.info("restoring the Tune experiment in %s", experiment_dir)
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            str(experiment_dir),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
     else:
         epochs = context.base_config.epochs
         tuner = tune.Tuner(
             trainable,
             param_space=to_tune_space(space),
-            tune_config=tune.TuneConfig(metric=options.metric, mode=options.mode,
-                                        search_alg=_searcher(space, options, max_concurrent),
-                                        scheduler=_scheduler(options, epochs),
-                                        num_samples=options.num_samples,
-                                        max_concurrent_trials=max_concurrent if space.has_grid else None),
-            run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
-                                      failure_config=tune.FailureConfig(max_failures=options.trial_retries), verbose=1,
-                                      callbacks=[_placement_group_cleanup(context)]),
+            tune_config=tune.TuneConfig(
+                metric=options.metric,
+                mode=options.mode,
+                search_alg=_searcher(space, options, max_concurrent),
+                scheduler=_scheduler(options, epochs),
+                num_samples=options.num_samples,
+                max_concurrent_trials=max_concurrent if space.has_grid else None,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment_dir.name,
+                storage_path=str(experiment_dir.parent),
+                failure_config=tune.FailureConfig(max_failures=options.trial_retries),
+                verbose=1,
+                callbacks=[_placement_group_cleanup(context)],
+            ),
         )
     results = tuner.fit()
     _remove_placement_groups(context)
@@ -303,21 +356,38 @@ def _remove_placement_groups(context: SweepContext, trial_id: str | None = None)
                 log.debug("placement group %s: %s", hex_id, error)
 
 
-def _finish(context: SweepContext, space: SearchSpace, options: SweepOptions, experiment_dir: Path, results,
-            base: PretrainConfig) -> SweepResult:
+def _finish(
+    context: SweepContext,
+    space: SearchSpace,
+    options: SweepOptions,
+    experiment_dir: Path,
+    results,
+    base: PretrainConfig,
+) -> SweepResult:
     uri = context.tracking_uri
     sweeps.reconcile_trial_runs(uri, context.parent_run_id)
     table = sweeps.trials_table(uri, context.parent_run_id, space.fields, options.metric, options.mode)
     files = [(path, None) for path in report.write_table(table, experiment_dir)]
-    files += [(path, "plots") for path in report.write_plots(table, space, options.metric, options.mode,
-                                                             experiment_dir)]
+    files += [
+        (path, "plots") for path in report.write_plots(table, space, options.metric, options.mode, experiment_dir)
+    ]
     best, best_path = _best(context, table, options, experiment_dir)
     if best_path is not None:
         files.append((best_path, None))
     errors = sum(1 for r in results if r.error is not None) if results is not None else 0
     sweeps.log_sweep_summary(uri, context.parent_run_id, best=best, files=files)
-    return SweepResult(context.sweep_id, context.parent_run_id, experiment_dir, table, best, best_path, errors,
-                       fields=list(space.fields), metric=options.metric, experiment=context.experiment)
+    return SweepResult(
+        context.sweep_id,
+        context.parent_run_id,
+        experiment_dir,
+        table,
+        best,
+        best_path,
+        errors,
+        fields=list(space.fields),
+        metric=options.metric,
+        experiment=context.experiment,
+    )
 
 
 def _best(context: SweepContext, table, options: SweepOptions, experiment_dir: Path):
@@ -345,8 +415,10 @@ def _load_state(options: SweepOptions) -> tuple[PretrainConfig, SweepOptions, di
             raise MlpscaleError(f"no sweep to resume under {root}; pass --name (and --storage-path) of a sweep")
         state_file = candidates[-1]
     if not state_file.is_file():
-        raise MlpscaleError(f"no sweep named {options.name!r} under {root}; pass the --name and --storage-path "
-                            f"the sweep was started with")
+        raise MlpscaleError(
+            f"no sweep named {options.name!r} under {root}; pass the --name and --storage-path "
+            f"the sweep was started with"
+        )
     state = json.loads(state_file.read_text())
     from mlpscale.config import apply
 

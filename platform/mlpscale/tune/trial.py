@@ -69,8 +69,11 @@ def trial_config(context: SweepContext, sampled: dict[str, Any]) -> tuple[Pretra
     base_lr = cfg.lr
     lr = scale_lr(base_lr, cfg.batch_size, context.base_batch_size, context.lr_scaling)
     cfg = validate(dataclasses.replace(cfg, lr=lr, experiment=context.experiment, tracking_uri=context.tracking_uri))
-    extra = {"lr_scaling": context.lr_scaling, "base_lr": base_lr,
-             "base_batch_size": context.base_batch_size or cfg.batch_size}
+    extra = {
+        "lr_scaling": context.lr_scaling,
+        "base_lr": base_lr,
+        "base_batch_size": context.base_batch_size or cfg.batch_size,
+    }
     return cfg, extra
 
 
@@ -92,13 +95,30 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     data = check_data(cfg)
     stats = model_summary(cfg, data)
     run_id = _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, train_dir, mlflow_client)
-    spec = worker_spec(cfg, data, stats, workers=1, run_id=run_id, tracking_uri=context.tracking_uri,
-                       cpus_per_worker=context.cpus_per_worker)
-    failure = FailureWording(crashed=f"trial {trial_id} crashed", crash_error=TrialFailed,
-                             stop_error=lambda reason: TrialFailed(f"trial {trial_id} failed: {reason}"))
-    launch(spec, name=trial_id, storage_path=train_dir.parent, use_gpu=context.use_gpu,
-           max_failures=context.trial_retries, failure=failure, worker=_worker_recording_placement_group,
-           callbacks=[TuneReportCallback()])
+    spec = worker_spec(
+        cfg,
+        data,
+        stats,
+        workers=1,
+        run_id=run_id,
+        tracking_uri=context.tracking_uri,
+        cpus_per_worker=context.cpus_per_worker,
+    )
+    failure = FailureWording(
+        crashed=f"trial {trial_id} crashed",
+        crash_error=TrialFailed,
+        stop_error=lambda reason: TrialFailed(f"trial {trial_id} failed: {reason}"),
+    )
+    launch(
+        spec,
+        name=trial_id,
+        storage_path=train_dir.parent,
+        use_gpu=context.use_gpu,
+        max_failures=context.trial_retries,
+        failure=failure,
+        worker=_worker_recording_placement_group,
+        callbacks=[TuneReportCallback()],
+    )
 
 
 def _replay_if_done(train_dir: Path, mlflow_client, trial_id: str) -> bool:
@@ -139,10 +159,15 @@ def _continue_or_start_run(context, cfg, data, stats, extra_params, trial_id, tr
                 mlflow_client.delete_tag(run_id, sweeps.TAG_STOPPED)
             log.info("trial %s continues MLflow run %s", trial_id, run_id)
             return run_id
-    run_id = sweeps.start_trial_run(context.tracking_uri, context.experiment, parent_run_id=context.parent_run_id,
-                                    sweep_id=context.sweep_id, trial_id=trial_id,
-                                    run_name=f"{context.sweep_id}-{trial_id}",
-                                    extra_tags={tracking.TAG_RAY_RUN: trial_id})
+    run_id = sweeps.start_trial_run(
+        context.tracking_uri,
+        context.experiment,
+        parent_run_id=context.parent_run_id,
+        sweep_id=context.sweep_id,
+        trial_id=trial_id,
+        run_name=f"{context.sweep_id}-{trial_id}",
+        extra_tags={tracking.TAG_RAY_RUN: trial_id},
+    )
     params = {**tracking.run_record_params(cfg, stats, data.meta), **extra_params, "trial_id": trial_id}
     tracking.log_params(mlflow_client, run_id, params)
     tracking.log_dict_artifact(mlflow_client, run_id, cfg.to_dict(), "config.yaml")
