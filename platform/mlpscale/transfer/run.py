@@ -193,21 +193,19 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def transfer_trainable(config: dict) -> None:
+def transfer_trainable(config: dict, *, base: TransferConfig, parent_run_id: str, sweep_id: str) -> None:
     """The Ray Tune function trainable: one transfer run with the trial's values, reporting every epoch.
 
-    `config` holds `base` (a TransferConfig.to_dict()), `parent_run_id`, `sweep_id` and the swept keys.
+    `config` holds the swept keys; the typed base config and the grid's MLflow parent come through
+    `tune.with_parameters`.
     """
     from ray import tune
 
     from mlpscale.tracking.sweeps import TAG_TRIAL_ID
 
-    base = TransferConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["base"].items()})
-    cfg = apply(base, {key: config[key] for key in config if key not in ("base", "parent_run_id", "sweep_id")})
-    tags = {TAG_TRIAL_ID: tune.get_context().get_trial_id()}
-    if config.get("sweep_id"):
-        tags[tracking.TAG_SWEEP_ID] = config["sweep_id"]
-    run_transfer(cfg, parent_run_id=config.get("parent_run_id"), extra_tags=tags, report=tune.report)
+    cfg = apply(base, config)
+    tags = {TAG_TRIAL_ID: tune.get_context().get_trial_id(), tracking.TAG_SWEEP_ID: sweep_id}
+    run_transfer(cfg, parent_run_id=parent_run_id, extra_tags=tags, report=tune.report)
 
 
 def _absolute_paths(cfg: TransferConfig) -> dict[str, str]:
@@ -251,13 +249,9 @@ def run_transfer_grid(
     gpus = int(resources.get("GPU", 0))
     # a GPU trial's decoder threads follow its CPUs (Ray sets its OMP_NUM_THREADS), as pretraining's
     trial_resources = {"cpu": cpus_per_gpu_worker(int(resources.get("CPU", 1)), gpus), "gpu": 1} if gpus else {"cpu": 1}
-    space = {
-        "base": cfg.to_dict(),
-        "parent_run_id": parent_id,
-        "sweep_id": sweep_id,
-        **{key: tune.grid_search(list(values)) for key, values in grid.items()},
-    }
-    trainable = tune.with_resources(transfer_trainable, trial_resources)
+    space = {key: tune.grid_search(list(values)) for key, values in grid.items()}
+    trainable = tune.with_parameters(transfer_trainable, base=cfg, parent_run_id=parent_id, sweep_id=sweep_id)
+    trainable = tune.with_resources(trainable, trial_resources)
     with tracked_run(mlflow_client, parent_id):
         tuner = tune.Tuner(
             trainable,
