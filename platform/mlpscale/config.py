@@ -21,7 +21,8 @@ from mlpscale.config_fields import (
     check_range,
     field_choices,
     field_names,
-    read_yaml,  # noqa: F401  (save_yaml: this module's API too)
+    read_yaml,
+    save_yaml,  # noqa: F401  (this module's API too: writes a config that load_config reads back)
     setting,
 )
 from mlpscale.data.choices import DEFAULT_RESOLUTIONS, TRAINING_ORDERS

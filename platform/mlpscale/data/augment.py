@@ -16,6 +16,10 @@ No separate flip, permute or copy stage follows.
 
 from __future__ import annotations
 
+import mlpscale.data.ffcv_import  # noqa: F401  (first: before FFCV, the fast import that keeps torch's threads)
+
+# isort: split
+
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -28,8 +32,6 @@ from ffcv.pipeline.compiler import Compiler
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-
-import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 
 _NEVER_FREED: list = []
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

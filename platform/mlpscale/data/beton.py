@@ -7,6 +7,10 @@ forever when a worker process dies; `_CheckedWriter` notices and raises instead.
 
 from __future__ import annotations
 
+import mlpscale.data.ffcv_import  # noqa: F401  (first: before FFCV, the fast import that keeps torch's threads)
+
+# isort: split
+
 import ctypes
 import logging
 import os
@@ -21,8 +25,6 @@ from ffcv.memory_allocator import MemoryAllocator
 from ffcv.reader import Reader
 from ffcv.writer import DatasetWriter
 from tqdm import tqdm
-
-import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,10 @@ the loader alone is 12-16% faster on 2 cores (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import mlpscale.data.ffcv_import  # noqa: F401  (first: before FFCV, the fast import that keeps torch's threads)
+
+# isort: split
+
 import logging
 import os
 import queue
@@ -30,7 +34,6 @@ from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-import mlpscale.data.ffcv_import  # noqa: F401  (before FFCV: the fast import that keeps torch's threads)
 from mlpscale.data.augment import CenterCrop, EpochCell, SeededRandomResizedCrop, normalization_affine
 from mlpscale.data.choices import ORDERS
 from mlpscale.data.host_memory import keep_freed_memory
