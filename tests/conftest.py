@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,22 @@ def digits_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A new sqlite MLflow store with MLflow's schema created once per session (its migrations take a second)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh sqlite MLflow store for one test, exported so Ray workers see it too."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking_uri(tmp_path, monkeypatch, empty_store) -> str:
+    """A fresh sqlite MLflow store for one test (a copy of the empty one), exported so Ray workers see it too."""
+    store = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, store)
+    uri = f"sqlite:///{store}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
