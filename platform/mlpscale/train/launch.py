@@ -111,19 +111,9 @@ def launch(
 
 def restore_model(spec: WorkerSpec, checkpoint_path: str):
     """The spec's model with the weights of a checkpoint (CPU)."""
-    from mlpscale.models import build_model
     from mlpscale.train.checkpoint import load_state
 
-    cfg = spec.cfg
-    model = build_model(
-        cfg.arch,
-        resolution=spec.resolution,
-        num_classes=spec.num_classes,
-        expansion=cfg.expansion,
-        activation=cfg.activation,
-        normalization=cfg.normalization,
-        dropout=cfg.dropout,
-    )
+    model = spec.build_model()
     model.load_state_dict(load_state(checkpoint_path)["model"])
     return model
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from mlpscale import tracking
 from mlpscale.config import PretrainConfig
 from mlpscale.errors import MlpscaleError
-from mlpscale.models import build_model, estimate_training_memory, training_compute
+from mlpscale.models import estimate_training_memory, training_compute
 from mlpscale.train.checkpoint import load_state, save_state, set_rng_state
 from mlpscale.train.optim import build_optimizer
 from mlpscale.train.precision import enable_fast_matmul, resolve_precision
@@ -91,15 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + rank)
 
     # On the device before the optimizer exists: its state (moments) is loaded onto its parameters' device.
-    model = build_model(
-        cfg.arch,
-        resolution=spec.resolution,
-        num_classes=spec.num_classes,
-        expansion=cfg.expansion,
-        activation=cfg.activation,
-        normalization=cfg.normalization,
-        dropout=cfg.dropout,
-    ).to(device)
+    model = spec.build_model().to(device)
     micro = spec.micro_batch
     threads = cfg.loader_workers or default_threads(device, spec.cpus_per_worker)
     loader_args = dict(

@@ -51,6 +51,21 @@ class WorkerSpec:
     def micro_batch(self) -> int:
         return micro_batch(self.cfg, self.workers)
 
+    def build_model(self):
+        """The config's model for this data's resolution and classes (fresh weights, on the CPU)."""
+        from mlpscale.models import build_model
+
+        cfg = self.cfg
+        return build_model(
+            cfg.arch,
+            resolution=self.resolution,
+            num_classes=self.num_classes,
+            expansion=cfg.expansion,
+            activation=cfg.activation,
+            normalization=cfg.normalization,
+            dropout=cfg.dropout,
+        )
+
     def loop_config(self) -> dict[str, Any]:
         """The `train_loop_config` Ray Train passes to each worker."""
         return {_LOOP_CONFIG_KEY: self}
