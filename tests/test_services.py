@@ -141,8 +141,9 @@ def test_submitted_jobs_log_to_the_server_with_and_without_working_dir(head, dig
         "false",
     ]
     names = {"plain": [], "uploaded": ["--working-dir", "."]}
-    for name, extra in names.items():
-        job = subprocess.run(
+    # Both submitted at once, as users do: the second job's worker waits for the head's CPUs.
+    jobs = {
+        name: subprocess.Popen(
             [
                 RAY,
                 "job",
@@ -157,12 +158,16 @@ def test_submitted_jobs_log_to_the_server_with_and_without_working_dir(head, dig
             ],
             cwd=REPO,
             env=env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=600,
         )
-        assert job.returncode == 0, f"{name} job failed:\n{job.stdout[-4000:]}\n{job.stderr[-2000:]}"
-        assert "val top-1:" in job.stdout
+        for name, extra in names.items()
+    }
+    for name, job in jobs.items():
+        stdout, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, f"{name} job failed:\n{stdout[-4000:]}\n{stderr[-2000:]}"
+        assert "val top-1:" in stdout
 
     client = MlflowClient(tracking_uri=record.mlflow_url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
