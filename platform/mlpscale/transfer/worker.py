@@ -182,11 +182,9 @@ class TransferTrainer:
                 evaluated, test_batches, device=self.device, precision=self.precision, keep_logits=True
             )
             metrics = {
-                "train_loss": trained_epoch.loss,
-                "train_top1": trained_epoch.top1,
+                **trained_epoch.metrics(),
                 **evaluation.metrics,
                 "compute_flops": float(compute),
-                "throughput_img_s": trained_epoch.throughput_img_s,
                 "epoch_time_s": time.perf_counter() - start,
             }
             log.info("epoch %d/%d: %s", epoch, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
