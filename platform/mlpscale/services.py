@@ -459,7 +459,10 @@ def ensure_ray_auth_token() -> str:
     path = _ray_auth_token_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(32)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another `make up` made it first: use theirs
+        return ray_auth_token() or ""
     with os.fdopen(descriptor, "w") as file:
         file.write(token)
     logger.info("made Ray's authentication token in %s", path)
